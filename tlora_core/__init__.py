@@ -1,0 +1,14 @@
+"""ComfyUI-free core of ComfyUI-TLoRA: schedule math, file formats, adapters, exact SVD base.
+
+Imports torch, numpy and safetensors only; never ComfyUI.
+"""
+
+from .adapter import ORTHO, VANILLA, ModuleAdapter
+from .errors import TLoRAError
+from .formats import TLoRA, load_tlora
+from .schedule import DISCRETE, FLOW, active_rank, rank_mask, timestep_from_sigma
+
+__all__ = [
+    "DISCRETE", "FLOW", "ORTHO", "VANILLA", "ModuleAdapter", "TLoRA", "TLoRAError",
+    "active_rank", "load_tlora", "rank_mask", "timestep_from_sigma",
+]

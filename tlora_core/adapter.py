@@ -1,0 +1,109 @@
+"""One T-LoRA module as prefix-sliceable factors.
+
+Every format reduces to delta(r) = sum over the first r ranks of rank-one terms:
+  ortho (LyCORIS tlora, official Ortho):
+      scale * (lambda_i p_i q_i^T - lambda0_i p0_i q0_i^T)
+  vanilla (official vanilla, standard LoRA layouts):
+      scale * up_i down_i^T
+`prefix_factors` interleaves each rank's terms as rows of `down` (k*R, in) and `up_t` (k*R, out),
+k = 2 for ortho and 1 for vanilla, so the first r ranks are the views down[:k*r] and up_t[:k*r]:
+    delta(r) = up_t[:k*r].T @ down[:k*r]   and   y += (x @ down[:k*r].T) @ up_t[:k*r]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ORTHO = "ortho"
+VANILLA = "vanilla"
+
+
+@dataclass
+class ModuleAdapter:
+    name: str  # the module's name as the file spells it (without the tensor suffix)
+    kind: str  # ORTHO or VANILLA
+    up: torch.Tensor  # (out, R): p or up
+    down: torch.Tensor  # (R, in): q or down
+    scale: float = 1.0  # alpha / rank for LyCORIS and kohya layouts, 1 for the official repo
+    lam: torch.Tensor | None = None  # (R,) ortho only
+    base_up: torch.Tensor | None = None  # (out, R) p0
+    base_down: torch.Tensor | None = None  # (R, in) q0
+    base_lam: torch.Tensor | None = None  # (R,) lambda0
+    needs_svd_base: bool = False  # LyCORIS: base = top-R SVD of the model's weight, rebuilt at load
+    conv: bool = False  # 1x1 convolution (weight (out, in, 1, 1))
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        shape = (self.out_features, self.in_features)
+        return shape + (1, 1) if self.conv else shape
+
+    @property
+    def has_base(self) -> bool:
+        return self.kind == VANILLA or self.base_down is not None
+
+    def set_svd_base(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
+        """Install the base triplets (u (out, R), s (R,), v (in, R)) rebuilt from the model's weight."""
+        if u.shape != self.up.shape or v.shape != (self.in_features, self.rank):
+            raise ValueError(f"{self.name}: SVD base of shape {tuple(u.shape)}/{tuple(v.shape)} "
+                             f"does not fit factors {tuple(self.up.shape)}/{tuple(self.down.shape)}")
+        self.base_up, self.base_lam, self.base_down = u.float(), s.float(), v.T.float()
+        self._cache.clear()
+
+    def _require_base(self, base_weight: torch.Tensor | None) -> None:
+        if self.has_base:
+            return
+        if base_weight is None:
+            raise ValueError(f"{self.name}: this LyCORIS T-LoRA module needs the base weight "
+                             "to rebuild its SVD base")
+        from .svd import top_singular
+
+        self.set_svd_base(*top_singular(base_weight, self.rank))
+
+    def prefix_factors(self, dtype: torch.dtype | None = None, device=None):
+        """(down (k*R, in), up_t (k*R, out), k), cached per (dtype, device)."""
+        if not self.has_base:
+            raise ValueError(f"{self.name}: SVD base not built yet")
+        key = (dtype, None if device is None else torch.device(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if self.kind == ORTHO:
+            lam, lam0 = self.lam.float(), self.base_lam.float()
+            down = torch.stack([lam[:, None] * self.down.float(),
+                                lam0[:, None] * self.base_down.float()], dim=1).flatten(0, 1)
+            up_t = torch.stack([self.scale * self.up.float().T,
+                                -self.scale * self.base_up.float().T], dim=1).flatten(0, 1)
+            k = 2
+        else:
+            down, up_t, k = self.down.float(), self.scale * self.up.float().T, 1
+        down = down.to(device=device, dtype=dtype or torch.float32).contiguous()
+        up_t = up_t.to(device=device, dtype=dtype or torch.float32).contiguous()
+        self._cache[key] = (down, up_t, k)
+        return down, up_t, k
+
+    def delta_weight(self, rank: int, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Weight change with the first `rank` ranks active, float32, shaped like the layer's weight."""
+        if not 0 <= rank <= self.rank:
+            raise ValueError(f"{self.name}: rank must be in [0, {self.rank}], got {rank}")
+        self._require_base(base_weight)
+        down, up_t, k = self.prefix_factors()
+        delta = up_t[: k * rank].T @ down[: k * rank]
+        return delta.reshape(self.weight_shape)
+
+    def drop_cache(self) -> None:
+        self._cache.clear()

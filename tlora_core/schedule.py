@@ -1,0 +1,85 @@
+"""Rank schedule of T-LoRA and the timestep conventions that feed it.
+
+`active_rank` is the rank LyCORIS `compute_timestep_mask` activates (the same formula as the
+official T-LoRA repo): r = int(((T - t) / T) ** alpha * (R - Rmin)) + Rmin, clamped to R.
+js/tlora_schedule.js ports `active_rank`; tests run both on one table of values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+MAX_TIMESTEP = 1000
+
+# How a trainer turns a sampler's sigma into the t its mask was computed from.
+DISCRETE = "discrete"  # DDPM-style models (SD1.5, SDXL): the model's own integer timestep
+FLOW = "flow"  # rectified-flow models (SD3, Flux, Flux 2, ...): int(sigma * 1000)
+TIMESTEP_MODES = (DISCRETE, FLOW)
+
+
+def validate(max_rank: int, min_rank: int = 1, alpha: float = 1.0) -> None:
+    """Raise ValueError when the schedule parameters make no sense."""
+    if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1:
+        raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
+    if isinstance(min_rank, bool) or int(min_rank) != min_rank or not 1 <= min_rank <= max_rank:
+        raise ValueError(f"min_rank must be an integer in [1, max_rank={max_rank}], got {min_rank!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+
+
+def active_rank(
+    t: float,
+    max_rank: int,
+    min_rank: int = 1,
+    alpha: float = 1.0,
+    max_timestep: int = MAX_TIMESTEP,
+) -> int:
+    """Number of leading ranks active at trainer timestep t (0 = clean, max_timestep = noise)."""
+    validate(max_rank, min_rank, alpha)
+    if not math.isfinite(t) or not 0 <= t <= max_timestep:
+        raise ValueError(f"timestep must be in [0, {max_timestep}], got {t!r}")
+    r = int(((max_timestep - t) / max_timestep) ** alpha * (max_rank - min_rank)) + min_rank
+    return min(r, max_rank)
+
+
+def rank_mask(t: float, max_rank: int, min_rank: int = 1, alpha: float = 1.0,
+              max_timestep: int = MAX_TIMESTEP) -> torch.Tensor:
+    """The (1, max_rank) 0/1 mask LyCORIS' `set_timestep_mask` expects."""
+    mask = torch.zeros(1, max_rank)
+    mask[:, : active_rank(t, max_rank, min_rank, alpha, max_timestep)] = 1.0
+    return mask
+
+
+def timestep_from_sigma(sigma: float, mode: str, discrete_timestep: float | None = None) -> int:
+    """The trainer's integer t for one sampler sigma.
+
+    DISCRETE: the model's own timestep for sigma (ComfyUI `model_sampling.timestep(sigma)`),
+    passed as `discrete_timestep`, truncated like `int(t)` in the trainers' loops.
+    FLOW: int(sigma * 1000), sigma in [0, 1] after shift.
+    """
+    if mode == DISCRETE:
+        if discrete_timestep is None:
+            raise ValueError("discrete mode needs the model's timestep for this sigma")
+        t = float(discrete_timestep)
+    elif mode == FLOW:
+        t = float(sigma) * MAX_TIMESTEP
+    else:
+        raise ValueError(f"timestep mode must be one of {TIMESTEP_MODES}, got {mode!r}")
+    if not math.isfinite(t):
+        raise ValueError(f"sigma {sigma!r} gives no finite timestep")
+    return int(min(max(t, 0.0), MAX_TIMESTEP))
+
+
+def ranks_for_timesteps(timesteps: Iterable[float], max_rank: int, min_rank: int = 1,
+                        alpha: float = 1.0) -> list[int]:
+    return [active_rank(t, max_rank, min_rank, alpha) for t in timesteps]
+
+
+def schedule_table(max_rank: int, min_rank: int = 1, alpha: float = 1.0,
+                   timesteps: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(t, rank) pairs, every integer t in [0, 999] unless `timesteps` is given."""
+    ts = range(MAX_TIMESTEP) if timesteps is None else timesteps
+    return [(int(t), active_rank(t, max_rank, min_rank, alpha)) for t in ts]
