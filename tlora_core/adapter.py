@@ -12,7 +12,7 @@ k = 2 for ortho and 1 for vanilla, so the first r ranks are the views down[:k*r]
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,7 +33,6 @@ class ModuleAdapter:
     base_lam: torch.Tensor | None = None  # (R,) lambda0
     needs_svd_base: bool = False  # LyCORIS: base = top-R SVD of the model's weight, rebuilt at load
     conv: bool = False  # 1x1 convolution (weight (out, in, 1, 1))
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
@@ -62,7 +61,12 @@ class ModuleAdapter:
             raise ValueError(f"{self.name}: SVD base of shape {tuple(u.shape)}/{tuple(v.shape)} "
                              f"does not fit factors {tuple(self.up.shape)}/{tuple(self.down.shape)}")
         self.base_up, self.base_lam, self.base_down = u.float(), s.float(), v.T.float()
-        self._cache.clear()
+
+    def with_svd_base(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> ModuleAdapter:
+        """A copy of this adapter with its SVD base installed; the original stays untouched."""
+        out = replace(self)
+        out.set_svd_base(u, s, v)
+        return out
 
     def _require_base(self, base_weight: torch.Tensor | None) -> None:
         if self.has_base:
@@ -74,26 +78,22 @@ class ModuleAdapter:
 
         self.set_svd_base(*top_singular(base_weight, self.rank))
 
-    def prefix_factors(self, dtype: torch.dtype | None = None, device=None):
-        """(down (k*R, in), up_t (k*R, out), k), cached per (dtype, device)."""
+    def prefix_factors(self, dtype: torch.dtype | None = None, device=None, strength: float = 1.0):
+        """(down (k*R, in), up_t (k*R, out), k) with scale and strength folded into up_t."""
         if not self.has_base:
             raise ValueError(f"{self.name}: SVD base not built yet")
-        key = (dtype, None if device is None else torch.device(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
+        scale = self.scale * strength
         if self.kind == ORTHO:
             lam, lam0 = self.lam.float(), self.base_lam.float()
             down = torch.stack([lam[:, None] * self.down.float(),
                                 lam0[:, None] * self.base_down.float()], dim=1).flatten(0, 1)
-            up_t = torch.stack([self.scale * self.up.float().T,
-                                -self.scale * self.base_up.float().T], dim=1).flatten(0, 1)
+            up_t = torch.stack([scale * self.up.float().T,
+                                -scale * self.base_up.float().T], dim=1).flatten(0, 1)
             k = 2
         else:
-            down, up_t, k = self.down.float(), self.scale * self.up.float().T, 1
+            down, up_t, k = self.down.float(), scale * self.up.float().T, 1
         down = down.to(device=device, dtype=dtype or torch.float32).contiguous()
         up_t = up_t.to(device=device, dtype=dtype or torch.float32).contiguous()
-        self._cache[key] = (down, up_t, k)
         return down, up_t, k
 
     def delta_weight(self, rank: int, base_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,6 +104,3 @@ class ModuleAdapter:
         down, up_t, k = self.prefix_factors()
         delta = up_t[: k * rank].T @ down[: k * rank]
         return delta.reshape(self.weight_shape)
-
-    def drop_cache(self) -> None:
-        self._cache.clear()

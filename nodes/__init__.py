@@ -1,0 +1,21 @@
+"""ComfyUI glue for ComfyUI-TLoRA: thin nodes over tlora_core."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loader import TLoRALoader
+from .preview import TLoRASchedulePreview
+from .routes import register
+
+NODES: list[type[io.ComfyNode]] = [TLoRALoader, TLoRASchedulePreview]
+
+
+register()
+
+
+class TLoRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> TLoRAExtension:
+    return TLoRAExtension()

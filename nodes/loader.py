@@ -1,0 +1,146 @@
+"""Load T-LoRA node: reads a T-LoRA file and returns a model that runs it with its rank schedule."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.lora
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from tlora_core import TLoRAError
+
+from .apply import apply_tlora, read_file
+
+log = logging.getLogger("tlora.loader")
+
+SCHEDULE_SOURCES = ["file", "sliders"]
+TIMESTEP_MODES = ["auto", "discrete", "flow"]
+
+
+def lora_path(lora_name: str) -> str:
+    """Full path of a file in ComfyUI's loras folders; refuses names that escape them."""
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None:
+        raise TLoRAError(lora_name, "not found in ComfyUI's loras folders (models/loras)")
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(p) for p in folder_paths.get_folder_paths("loras")]
+    if not any(real == r or real.startswith(r + os.sep) for r in roots):
+        raise TLoRAError(lora_name, "refused: the path leads outside ComfyUI's loras folders")
+    return path
+
+
+def resolve_schedule(tl, source: str, max_rank: int, min_rank: int, alpha: float) -> tuple[int, int, float, str]:
+    """(max_rank, min_rank, alpha, explanation) from the file's recorded values and the widgets."""
+    rec = tl.schedule_defaults()
+    r = max_rank or tl.rank
+    if source == "file":
+        mr = rec["min_rank"] if rec["min_rank"][1] != "default" else (min_rank, "slider")
+        al = rec["alpha"] if rec["alpha"][1] != "default" else (alpha, "slider")
+    elif source == "sliders":
+        mr, al = (min_rank, "slider"), (alpha, "slider")
+    else:
+        raise TLoRAError(tl.path, f"schedule_source must be one of {SCHEDULE_SOURCES}, got {source!r}")
+    if max_rank and max_rank > tl.rank:
+        raise TLoRAError(tl.path, f"max_rank override {max_rank} exceeds the file's rank {tl.rank}")
+    why = (f"max_rank {r} ({'override' if max_rank else 'file rank'}), min_rank {mr[0]} ({mr[1]}), "
+           f"alpha {al[0]:g} ({al[1]})")
+    return int(r), int(mr[0]), float(al[0]), why
+
+
+def apply_text_encoder(clip, tl, strength: float):
+    """Text-encoder modules have no timestep: applied statically at full rank, as trained."""
+    if clip is None or not tl.text_encoder_modules or strength == 0:
+        return clip
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    patches = {}
+    for name, adapter in tl.text_encoder_modules.items():
+        key = key_map.get(name) or key_map.get(name.replace("lycoris_te", "lora_te"))
+        if not isinstance(key, str):
+            continue
+        base = comfy.utils.get_attr(clip.cond_stage_model, key) if adapter.needs_svd_base else None
+        delta = adapter.delta_weight(adapter.rank, base)
+        patches[key] = ("diff", (delta,))
+    out = clip.clone()
+    out.add_patches(patches, strength)
+    log.info("T-LoRA %s: %d of %d text-encoder modules applied statically", os.path.basename(tl.path),
+             len(patches), len(tl.text_encoder_modules))
+    return out
+
+
+class TLoRALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoRALoader",
+            display_name="Load T-LoRA",
+            category="loaders/T-LoRA",
+            description=("Loads a T-LoRA (timestep-dependent LoRA) and runs it the way it was trained: at every "
+                         "sampler call only the first r(t) ranks are active, few at high noise, all at the end. "
+                         "Reads SimpleTuner/LyCORIS 'tlora' files, the official T-LoRA repo's files and vanilla "
+                         "T-LoRAs in standard LoRA layouts."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the T-LoRA to."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional text encoder; text-encoder modules in the file are applied "
+                                      "statically (they have no timestep)."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="The T-LoRA file, from ComfyUI's models/loras folder."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly to apply the T-LoRA to the diffusion model (1 = as trained)."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly to apply text-encoder modules, if the file has any."),
+                io.Combo.Input("schedule_source", options=SCHEDULE_SOURCES, default="file",
+                               tooltip="file: use min_rank and alpha recorded in the file (metadata or a "
+                                       "lycoris_config.json beside it) where it records them, else the sliders. "
+                                       "sliders: always use the sliders."),
+                io.Int.Input("min_rank", default=1, min=1, max=1024, step=1, display_mode=io.NumberDisplay.slider,
+                             tooltip="Ranks active at the noisiest step (tlora_min_rank; the official recipe "
+                                     "uses half the rank, e.g. 32 of 64)."),
+                io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="Schedule exponent (tlora_alpha): 1 = linear, > 1 keeps ranks off longer."),
+                io.Int.Input("max_rank", default=0, min=0, max=1024, step=1,
+                             tooltip="Rank the schedule ramps up to; 0 = the file's rank (linear_dim)."),
+                io.Combo.Input("timestep_mode", options=TIMESTEP_MODES, default="auto",
+                               tooltip="How sigma becomes the trainer's timestep. auto: flow models (SD3, Flux, "
+                                       "Flux 2, ...) use int(sigma*1000), others the model's discrete timestep."),
+                io.Boolean.Input("vanilla_tlora", default=False,
+                                 tooltip="Accept a standard LoRA layout (kohya lora_down/lora_up, PEFT lora_A/B) "
+                                         "as a vanilla T-LoRA. Needed only when the file's metadata does not "
+                                         "say it is a T-LoRA."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the T-LoRA and its rank schedule."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder, with text-encoder modules if any."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name, **kwargs):
+        try:
+            st = os.stat(folder_paths.get_full_path("loras", lora_name) or "")
+            return (lora_name, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return lora_name
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model, strength_clip, schedule_source, min_rank, alpha,
+                max_rank, timestep_mode, vanilla_tlora, clip=None) -> io.NodeOutput:
+        path = lora_path(lora_name)
+        tl = read_file(path, vanilla_tlora)
+        r, mr, al, why = resolve_schedule(tl, schedule_source, max_rank, min_rank, alpha)
+        log.info("T-LoRA %s: schedule %s", lora_name, why)
+        pbar = None
+
+        def progress(done, total):
+            nonlocal pbar
+            if pbar is None:
+                pbar = comfy.utils.ProgressBar(total)
+            pbar.update_absolute(done, total)
+
+        out_model, _ = apply_tlora(model, tl, strength_model, r, mr, al, timestep_mode, progress)
+        out_clip = apply_text_encoder(clip, tl, strength_clip)
+        return io.NodeOutput(out_model, out_clip)
