@@ -29,7 +29,9 @@ function currentSchedule(node) {
   const maxRank = maxW > 0 ? maxW : info?.rank ?? null;
   let minRank = widget(node, "min_rank")?.value ?? 1;
   let alpha = widget(node, "alpha")?.value ?? 1;
-  if (widget(node, "schedule_source")?.value === "file" && info?.recorded) {
+  const source = widget(node, "schedule_source")?.value;
+  if (source === "all_ranks" && maxRank != null) return { maxRank, minRank: maxRank, alpha: 1 };
+  if (source === "file" && info?.recorded) {
     if (info.recorded.min_rank?.source !== "default") minRank = info.recorded.min_rank.value;
     if (info.recorded.alpha?.source !== "default") alpha = info.recorded.alpha.value;
   }

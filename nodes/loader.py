@@ -16,7 +16,7 @@ from .apply import apply_tlora, read_file
 
 log = logging.getLogger("tlora.loader")
 
-SCHEDULE_SOURCES = ["file", "sliders"]
+SCHEDULE_SOURCES = ["file", "sliders", "all_ranks"]
 TIMESTEP_MODES = ["auto", "discrete", "flow"]
 
 
@@ -25,9 +25,10 @@ def lora_path(lora_name: str) -> str:
     path = folder_paths.get_full_path("loras", lora_name)
     if path is None:
         raise TLoRAError(lora_name, "not found in ComfyUI's loras folders (models/loras)")
-    real = os.path.realpath(path)
-    roots = [os.path.realpath(p) for p in folder_paths.get_folder_paths("loras")]
-    if not any(real == r or real.startswith(r + os.sep) for r in roots):
+    # symlinked files and folders inside a loras folder are fine; '..' escapes are not
+    full = os.path.normpath(os.path.abspath(path))
+    roots = [os.path.normpath(os.path.abspath(p)) for p in folder_paths.get_folder_paths("loras")]
+    if not any(full.startswith(r + os.sep) for r in roots):
         raise TLoRAError(lora_name, "refused: the path leads outside ComfyUI's loras folders")
     return path
 
@@ -41,6 +42,8 @@ def resolve_schedule(tl, source: str, max_rank: int, min_rank: int, alpha: float
         al = rec["alpha"] if rec["alpha"][1] != "default" else (alpha, "slider")
     elif source == "sliders":
         mr, al = (min_rank, "slider"), (alpha, "slider")
+    elif source == "all_ranks":
+        mr, al = (r, "all_ranks"), (1.0, "all_ranks")
     else:
         raise TLoRAError(tl.path, f"schedule_source must be one of {SCHEDULE_SOURCES}, got {source!r}")
     if max_rank and max_rank > tl.rank:
@@ -95,7 +98,8 @@ class TLoRALoader(io.ComfyNode):
                 io.Combo.Input("schedule_source", options=SCHEDULE_SOURCES, default="file",
                                tooltip="file: use min_rank and alpha recorded in the file (metadata or a "
                                        "lycoris_config.json beside it) where it records them, else the sliders. "
-                                       "sliders: always use the sliders."),
+                                       "sliders: always use the sliders. all_ranks: every rank at every step, "
+                                       "what merging the LoRA does (for comparisons; images burn)."),
                 io.Int.Input("min_rank", default=1, min=1, max=1024, step=1, display_mode=io.NumberDisplay.slider,
                              tooltip="Ranks active at the noisiest step (tlora_min_rank; the official recipe "
                                      "uses half the rank, e.g. 32 of 64)."),

@@ -68,12 +68,29 @@ class ModuleAdapter:
         out.set_svd_base(u, s, v)
         return out
 
+    def fit_error(self, weight_shape) -> str | None:
+        """Why this module cannot patch a layer whose weight has `weight_shape`; None when it can.
+
+        LyCORIS `tlora` writes 1x1 factors for a k x k convolution too (and cannot run them itself), so
+        only the layer's weight shape tells such a module from a 1x1 conv's.
+        """
+        shape = tuple(int(d) for d in weight_shape)
+        if len(shape) > 2 and any(k != 1 for k in shape[2:]):
+            return (f"convolution with kernel {'x'.join(map(str, shape[2:]))} > 1 is not supported "
+                    "(LyCORIS tlora saves 1x1 factors for it and cannot run these either)")
+        if shape[:2] != (self.out_features, self.in_features) or len(shape) not in (2, 4):
+            return f"layer weight of shape {shape} does not fit factors for {self.weight_shape}"
+        return None
+
     def _require_base(self, base_weight: torch.Tensor | None) -> None:
         if self.has_base:
             return
         if base_weight is None:
             raise ValueError(f"{self.name}: this LyCORIS T-LoRA module needs the base weight "
                              "to rebuild its SVD base")
+        why = self.fit_error(base_weight.shape)
+        if why is not None:
+            raise ValueError(f"{self.name}: {why}")
         from .svd import top_singular
 
         self.set_svd_base(*top_singular(base_weight, self.rank))

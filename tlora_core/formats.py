@@ -17,7 +17,7 @@ import math
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from safetensors import safe_open
@@ -91,6 +91,21 @@ class TLoRA:
         """max_rank, min_rank, alpha with their sources ('file rank', metadata, sidecar, default)."""
         out = {"max_rank": (self.rank, "tensor shapes"), "min_rank": (1, "default"), "alpha": (1.0, "default")}
         out.update(self.recorded)
+        return out
+
+    def for_weights(self, weight_shapes: dict[str, tuple[int, ...]]) -> TLoRA:
+        """A copy in which modules that cannot patch their layer (weight shapes by module name) are `skipped`.
+
+        Needed for LyCORIS files, whose k x k conv modules look like 1x1 ones. This object stays untouched.
+        """
+        out = replace(self, modules=dict(self.modules), text_encoder_modules=dict(self.text_encoder_modules),
+                      skipped=dict(self.skipped))
+        for modules in (out.modules, out.text_encoder_modules):
+            for name in [n for n in modules if n in weight_shapes]:
+                why = modules[name].fit_error(weight_shapes[name])
+                if why is not None:
+                    del modules[name]
+                    out.skipped[name] = why
         return out
 
     def summary(self) -> str:
@@ -305,10 +320,10 @@ def _build(path, fmt, name, g, skipped) -> ModuleAdapter | None:
         q0, _ = _flatten_factor(path, name, "base_q.weight", _tensor(path, name, g, "q0"))
         p0, _ = _flatten_factor(path, name, "base_p.weight", _tensor(path, name, g, "p0"))
         lam0 = _tensor(path, name, g, "lam0")
+        if q0 is None or p0 is None or q0.shape != q2.shape or p0.shape != p2.shape:
+            raise TLoRAError(path, f"module '{name}': base factors {tuple(g['q0'].shape)}/{tuple(g['p0'].shape)} "
+                                   f"do not match trained factors {tuple(q.shape)}/{tuple(p.shape)}")
         _check_rank(path, name, q0, p0, (lam0,))
-        if q0.shape != q2.shape or p0.shape != p2.shape:
-            raise TLoRAError(path, f"module '{name}': base factors {tuple(q0.shape)}/{tuple(p0.shape)} do "
-                                   f"not match trained factors {tuple(q2.shape)}/{tuple(p2.shape)}")
         return ModuleAdapter(name=target, kind=ORTHO, up=p2, down=q2, lam=lam.reshape(-1), scale=1.0,
                              base_up=p0, base_down=q0, base_lam=lam0.reshape(-1))
     down = _tensor(path, name, g, "down")
@@ -375,7 +390,7 @@ def _recorded_schedule(path: str, metadata: dict[str, str], sidecar: bool) -> di
         if raw:
             try:
                 cfg = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 log.warning("%s: metadata '%s' is not JSON; ignored", os.path.basename(path), k)
                 continue
             if isinstance(cfg, dict):
@@ -391,7 +406,7 @@ def _recorded_schedule(path: str, metadata: dict[str, str], sidecar: bool) -> di
                 try:
                     with open(sc, encoding="utf-8") as f:
                         cfg = json.load(f)
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, RecursionError) as e:
                     log.warning("ignoring unreadable sidecar %s: %s", sc, e)
                     continue
                 if isinstance(cfg, dict):
@@ -417,9 +432,9 @@ def _simple_yaml(path: str) -> dict[str, str]:
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                m = re.match(r"^\s*([A-Za-z_][\w]*)\s*:\s*([^#\s][^#]*?)\s*$", line)
+                m = re.match(r"^\s*([A-Za-z_][\w]*)\s*:\s*([^#\s][^#]*?)\s*(?:#.*)?$", line)
                 if m:
                     out.setdefault(m.group(1), m.group(2).strip("'\""))
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or not UTF-8 text
         pass
     return out

@@ -48,8 +48,9 @@ def active_rank(
 def rank_mask(t: float, max_rank: int, min_rank: int = 1, alpha: float = 1.0,
               max_timestep: int = MAX_TIMESTEP) -> torch.Tensor:
     """The (1, max_rank) 0/1 mask LyCORIS' `set_timestep_mask` expects."""
-    mask = torch.zeros(1, max_rank)
-    mask[:, : active_rank(t, max_rank, min_rank, alpha, max_timestep)] = 1.0
+    r = active_rank(t, max_rank, min_rank, alpha, max_timestep)  # validates before allocating
+    mask = torch.zeros(1, int(max_rank))
+    mask[:, :r] = 1.0
     return mask
 
 

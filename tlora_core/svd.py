@@ -24,6 +24,8 @@ CACHE_VERSION = 1
 
 SVDStats = dict  # {"computed": int, "cached": int}
 
+_NULL_TOL = torch.finfo(torch.float64).eps ** 0.5
+
 
 def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u (out, r), s (r,), v (in, r)) of a 2-D weight, float32, on the weight's device.
@@ -34,16 +36,20 @@ def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
     out_dim, in_dim = w.shape
     k = min(rank, out_dim, in_dim)
+    # Singular values below the Gram matrix's round-off (~sqrt(eps) * s_max) are numerically zero:
+    # their terms get zero vectors, never w @ v / s (which overflows float32 on rank-deficient weights).
     if in_dim <= out_dim:
         evals, evecs = torch.linalg.eigh(w.T @ w)
         v = evecs[:, -k:].flip(1)
         s = evals[-k:].flip(0).clamp_min(0).sqrt()
-        u = (w @ v) / s.clamp_min(torch.finfo(torch.float64).tiny)
+        null = s <= s[:1] * _NULL_TOL
+        u = torch.where(null, 0.0, (w @ v) / torch.where(null, 1.0, s))
     else:
         evals, evecs = torch.linalg.eigh(w @ w.T)
         u = evecs[:, -k:].flip(1)
         s = evals[-k:].flip(0).clamp_min(0).sqrt()
-        v = (w.T @ u) / s.clamp_min(torch.finfo(torch.float64).tiny)
+        null = s <= s[:1] * _NULL_TOL
+        v = torch.where(null, 0.0, (w.T @ u) / torch.where(null, 1.0, s))
     if k < rank:
         pad = rank - k
         u = torch.nn.functional.pad(u, (0, pad))
@@ -95,6 +101,13 @@ class SVDCache:
         os.replace(tmp, path)
 
 
+def _fits(usv, weight: torch.Tensor, rank: int) -> bool:
+    u, s, v = usv
+    shapes_ok = (tuple(u.shape) == (weight.shape[0], rank) and tuple(s.shape) == (rank,)
+                 and tuple(v.shape) == (weight[0].numel(), rank))
+    return shapes_ok and all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in usv)
+
+
 def base_triplets(
     weights: dict[str, torch.Tensor],
     ranks: dict[str, int],
@@ -105,10 +118,16 @@ def base_triplets(
     """Top-r triplets for each named base weight, from the cache where the content matches."""
     out = {}
     total = len(weights)
+    if stats is not None:
+        stats.setdefault("computed", 0)
+        stats.setdefault("cached", 0)
     for i, (name, w) in enumerate(weights.items()):
         rank = ranks[name]
         digest = weight_digest(w) if cache is not None else None
         usv = cache.get(digest, rank) if cache is not None else None
+        if usv is not None and not _fits(usv, w, rank):
+            log.warning("ignoring SVD cache entry for %s: wrong shapes or non-finite values", name)
+            usv = None
         if usv is None:
             usv = top_singular(w, rank)
             if cache is not None:

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny models, T-LoRA files written by real producers, and a real ComfyUI server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY_DIR = Path(os.environ.get("TLORA_TINY_DIR", ROOT / ".cache" / "tiny"))
+ARTIFACTS = ROOT / "test_artifacts"
+
+# The schedule the server-tier T-LoRA files record in their SimpleTuner-style sidecar.
+RANK, LINEAR_ALPHA, MIN_RANK, TLORA_ALPHA = 8, 4, 2, 1.5
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """Tiny ComfyUI-detectable models (cached in .cache/tiny) and their diffusers twins."""
+    from tools import tiny_models
+
+    return {"sd15": tiny_models.make_sd15(TINY_DIR), "sdxl": tiny_models.make_sdxl(TINY_DIR),
+            "vae": tiny_models.make_vae(TINY_DIR)}
+
+
+def _write_sidecar(folder: Path, extra: dict | None = None) -> None:
+    cfg = {"algo": "tlora", "multiplier": 1.0, "linear_dim": RANK, "linear_alpha": LINEAR_ALPHA,
+           "tlora_min_rank": MIN_RANK, "tlora_alpha": TLORA_ALPHA,
+           "apply_preset": {"target_module": ["Attention", "FeedForward"]}}
+    cfg.update(extra or {})
+    (folder / "lycoris_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@pytest.fixture(scope="session")
+def loras(tiny, tmp_path_factory) -> Path:
+    """A loras folder with LyCORIS T-LoRA files written by LyCORIS on the tiny models' diffusers twins."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from tools import tiny_models
+
+    folder = tmp_path_factory.mktemp("loras")
+    for family, seed in (("sdxl", 1), ("sd15", 2)):
+        sub = folder / f"tlora_{family}"
+        sub.mkdir()
+        unet = UNet2DConditionModel.from_pretrained(str(tiny[family]["diffusers_dir"]), torch_dtype=torch.float32)
+        net = tiny_models.write_lycoris_tlora(unet, sub / "pytorch_lora_weights.safetensors", RANK, LINEAR_ALPHA,
+                                              seed=seed, strength=0.5)
+        net.restore()
+        _write_sidecar(sub)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(tiny, loras, tmp_path_factory):
+    """One real ComfyUI server for the session, with the pack, the tiny models and the T-LoRA files."""
+    from tools.harness.server import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfy")
+    trace = base / "trace.jsonl"
+    files = {"diffusion_models": [tiny["sd15"]["comfy_file"], tiny["sdxl"]["comfy_file"]],
+             "vae": list(tiny["vae"][k] for k in ("vae_4ch", "vae_16ch")),
+             "loras": list(loras.iterdir())}
+    srv = ComfyServer(base, models=files, env={"TLORA_TRACE": trace, "TLORA_CACHE_DIR": base / "svd_cache"})
+    srv.trace_path = trace
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        (ARTIFACTS).mkdir(exist_ok=True)
+        (ARTIFACTS / "server.log").write_text(srv.log_text())

@@ -1,0 +1,1 @@
+from tests.support.tiny_models import *  # noqa
