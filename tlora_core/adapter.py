@@ -78,7 +78,7 @@ class ModuleAdapter:
         if len(shape) > 2 and any(k != 1 for k in shape[2:]):
             return (f"convolution with kernel {'x'.join(map(str, shape[2:]))} > 1 is not supported "
                     "(LyCORIS tlora saves 1x1 factors for it and cannot run these either)")
-        if shape[:2] != (self.out_features, self.in_features) or len(shape) not in (2, 4):
+        if shape[:2] != (self.out_features, self.in_features):
             return f"layer weight of shape {shape} does not fit factors for {self.weight_shape}"
         return None
 

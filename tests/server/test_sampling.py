@@ -1,0 +1,163 @@
+"""Real ComfyUI server over HTTP: the committed example workflows, on tiny models, with per-call traces."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import MIN_RANK, RANK, ROOT, TLORA_ALPHA
+from tlora_core import schedule
+from tools.harness import workflow
+from tools.harness.server import error_message
+
+WF = ROOT / "example_workflows"
+SDXL_COND = {"tokens": 8, "context_dim": 2048, "pooled_dim": 1280}
+SDXL_LORA = "tlora_sdxl/pytorch_lora_weights.safetensors"
+SIZE = 64
+
+
+def sdxl_files(tiny):
+    return {"unet": Path(tiny["sdxl"]["comfy_file"]).name, "vae": Path(tiny["vae"]["vae_4ch"]).name, "lora": SDXL_LORA}
+
+
+def discrete_sigmas() -> np.ndarray:
+    """The SD/SDXL training sigmas (scaled-linear betas 0.00085..0.012), computed without ComfyUI."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    acp = np.cumprod(1 - betas)
+    return np.sqrt((1 - acp) / acp)
+
+
+def trace_lines(server, start: int) -> list[dict]:
+    lines = server.trace_path.read_text().splitlines() if server.trace_path.exists() else []
+    return [json.loads(x) for x in lines[start:]]
+
+
+def trace_len(server) -> int:
+    return len(server.trace_path.read_text().splitlines()) if server.trace_path.exists() else 0
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+
+
+def test_nodes_have_descriptions_and_tooltips(server):
+    info = server.get("/object_info")
+    for node_id in ("TLoRALoader", "TLoRASchedulePreview"):
+        node = info[node_id]
+        assert node["description"], node_id
+        for section in ("required", "optional"):
+            for name, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert all(node["output_tooltips"]), f"{node_id} outputs lack tooltips"
+    assert info["TLoRALoader"]["display_name"] == "Load T-LoRA"
+
+
+def test_info_route_reports_rank_and_sidecar_schedule(server):
+    body = server.get(f"/tlora/info?lora_name={SDXL_LORA}")
+    assert body["format"] == "lycoris_tlora" and body["rank"] == RANK
+    assert body["recorded"]["min_rank"]["value"] == MIN_RANK
+    assert "sidecar" in body["recorded"]["min_rank"]["source"]
+    assert body["recorded"]["alpha"]["value"] == pytest.approx(TLORA_ALPHA)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "simple"])
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_every_call_uses_the_rank_of_its_sigma(server, tiny, sampler, scheduler, cfg):
+    steps = 5
+    info = server.get("/object_info")
+    prompt = workflow.substitute_tiny(
+        workflow.to_api(workflow.load(WF / "tlora_sdxl_txt2img.json"), info), sdxl_files(tiny), SDXL_COND,
+        {"EmptyLatentImage": {"width": SIZE, "height": SIZE},
+         "KSampler": {"steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler}})
+    start = trace_len(server)
+    entry = server.run(prompt)
+    assert len(server.images(entry)) == 1
+    calls = trace_lines(server, start)
+    per_step = 2 if sampler == "heun" else 1
+    assert len(calls) == per_step * steps - (per_step - 1), [c["sigma"] for c in calls]
+    table = discrete_sigmas()
+    for c in calls:
+        assert (c["max_rank"], c["min_rank"], c["alpha"]) == (RANK, MIN_RANK, TLORA_ALPHA)
+        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
+            # the trainer's t: the nearest discrete timestep of this sigma (in log space, as ComfyUI does)
+            want_t = int(np.abs(np.log(table) - np.log(sigma)).argmin())
+            assert t == want_t
+            assert rank == schedule.active_rank(want_t, RANK, MIN_RANK, TLORA_ALPHA)
+    ranks = [c["rank"][0] for c in calls]
+    assert ranks[0] == MIN_RANK and max(ranks) > MIN_RANK, ranks
+
+
+def test_schedule_differs_from_all_ranks(server, tiny, artifacts):
+    info = server.get("/object_info")
+    prompt = workflow.substitute_tiny(
+        workflow.to_api(workflow.load(WF / "tlora_compare_schedule_vs_all_ranks.json"), info), sdxl_files(tiny),
+        SDXL_COND, {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 4}})
+    entry = server.run(prompt)
+    imgs = {}
+    for node_out in entry["outputs"].values():
+        for img in node_out["images"]:
+            imgs[img["filename"].split("_0")[0]] = server.get(f"/view?filename={img['filename']}&type=output")
+    assert set(imgs) == {"tlora_schedule", "tlora_merged"}, list(imgs)
+    for name, png in imgs.items():
+        (artifacts / f"compare_{name}.png").write_bytes(png)
+    diff = np.abs(pixels(imgs["tlora_schedule"]) - pixels(imgs["tlora_merged"])).mean()
+    assert diff > 0.5, diff
+
+
+def test_schedule_preview_workflow_reports_sampler_calls(server, tiny, artifacts):
+    info = server.get("/object_info")
+    prompt = workflow.substitute_tiny(workflow.to_api(workflow.load(WF / "tlora_schedule_preview.json"), info),
+                                      sdxl_files(tiny), SDXL_COND,
+                                      {"TLoRASchedulePreview": {"steps": 6, "sampler_name": "heun"}})
+    entry = server.run(prompt)
+    png = server.images(entry)[0]
+    (artifacts / "schedule_preview.png").write_bytes(png)
+    assert pixels(png).shape[2] == 3 and pixels(png).std() > 1
+
+
+def test_base_model_output_is_unchanged_after_a_tlora_run(server, tiny):
+    """The same workflow without the T-LoRA gives bit-identical images before and after a T-LoRA run."""
+    info = server.get("/object_info")
+    api = workflow.to_api(workflow.load(WF / "tlora_sdxl_txt2img.json"), info)
+    overrides = {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 3}}
+    with_tlora = workflow.substitute_tiny(api, sdxl_files(tiny), SDXL_COND, overrides)
+    without = json.loads(json.dumps(with_tlora))
+    loader = next(k for k, v in without.items() if v["class_type"] == "TLoRALoader")
+    src = without[loader]["inputs"]["model"]
+    del without[loader]
+    for node in without.values():
+        for k, v in node["inputs"].items():
+            if v == [loader, 0]:
+                node["inputs"][k] = src
+    before = server.images(server.run(without))[0]
+    server.run(with_tlora)
+    after = server.images(server.run(without))[0]
+    assert pixels(before).tobytes() == pixels(after).tobytes()
+    with_img = server.images(server.run(with_tlora))[0]
+    assert pixels(with_img).tobytes() != pixels(after).tobytes()
+
+
+def test_bad_file_gives_a_clear_error_and_server_keeps_serving(server, tiny, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    link = Path(server.base) / "models" / "loras" / "broken.safetensors"
+    link.symlink_to(bad)
+    info = server.get("/object_info")
+    overrides = {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 2}}
+    api = workflow.to_api(workflow.load(WF / "tlora_sdxl_txt2img.json"), info)
+    try:
+        broken = workflow.substitute_tiny(api, {**sdxl_files(tiny), "lora": "broken.safetensors"}, SDXL_COND, overrides)
+        entry = server.run(broken, expect_error=True)
+    finally:
+        link.unlink()
+    msg = error_message(entry)
+    assert "broken.safetensors" in msg and "safetensors" in msg, msg
+    # still serving, and the good file still works
+    ok = workflow.substitute_tiny(api, sdxl_files(tiny), SDXL_COND, overrides)
+    assert len(server.images(server.run(ok))) == 1
