@@ -69,10 +69,12 @@ def _conv_args(module) -> dict | None:
 
 
 def plan(patcher, tl: TLoRA):
-    """[(module path, weight key, adapter, out_slice)], unmatched names; raises if nothing matches."""
+    """[(module path, weight key, adapter, out_slice)], unmatched names, {name: why skipped}.
+
+    Raises when nothing matches or a module's shape says the file is for another architecture."""
     key_map = keymap.model_key_map(patcher.model)
     model_keys = set(patcher.model.state_dict().keys())
-    matched, unmatched = [], []
+    matched, unmatched, skipped = [], [], {}
     for name, adapter in tl.modules.items():
         hit = keymap.resolve(name, tl.naming, key_map)
         if hit is None:
@@ -91,7 +93,10 @@ def plan(patcher, tl: TLoRA):
             weight = weight.narrow(0, start, size)
             out_slice = (start, size)
         shape = tuple(weight.shape)
-        if shape[:2] != (adapter.out_features, adapter.in_features) or (len(shape) > 2 and shape[2:] != (1, 1)):
+        if len(shape) > 2 and any(k != 1 for k in shape[2:]):
+            skipped[name] = adapter.fit_error(shape)
+            continue
+        if shape[:2] != (adapter.out_features, adapter.in_features):
             raise TLoRAError(tl.path, f"module '{name}' has shape {adapter.out_features}x{adapter.in_features} but "
                                       f"the model's '{key}' is {'x'.join(map(str, shape))}: this T-LoRA was trained "
                                       "for a different model architecture")
@@ -102,7 +107,7 @@ def plan(patcher, tl: TLoRA):
         model_name = type(patcher.model).__name__
         raise TLoRAError(tl.path, f"matched 0 of {len(tl.modules)} modules to this {model_name} model.{looks} "
                                   "Load it on the model family it was trained for.")
-    return matched, unmatched
+    return matched, unmatched, skipped
 
 
 def apply_tlora(patcher, tl: TLoRA, strength: float, max_rank: int, min_rank: int, alpha: float,
@@ -115,7 +120,7 @@ def apply_tlora(patcher, tl: TLoRA, strength: float, max_rank: int, min_rank: in
         raise TLoRAError(tl.path, f"bad schedule: {e}") from None
     if mode not in ("auto", *schedule.TIMESTEP_MODES):
         raise TLoRAError(tl.path, f"timestep_mode must be auto, discrete or flow, got {mode!r}")
-    matched, unmatched = plan(patcher, tl)
+    matched, unmatched, skipped = plan(patcher, tl)
 
     needs = {key: a for _, key, a, _ in matched if a.needs_svd_base and not a.has_base}
     bases = {}
@@ -144,8 +149,8 @@ def apply_tlora(patcher, tl: TLoRA, strength: float, max_rank: int, min_rank: in
     clone = patcher.clone()
     app.attach(clone)
     log.info("T-LoRA %s: %s; matched %d, unmatched %d, skipped %d; schedule max_rank=%d min_rank=%d alpha=%g, "
-             "timestep mode %s", name, tl.format, len(matched), len(unmatched), len(tl.skipped), max_rank,
-             min_rank, alpha, mode)
+             "timestep mode %s", name, tl.format, len(matched), len(unmatched), len(tl.skipped) + len(skipped),
+             max_rank, min_rank, alpha, mode)
     if unmatched:
         log.warning("T-LoRA %s: %d modules not found in the model, e.g. %s", name, len(unmatched),
                     ", ".join(unmatched[:3]))

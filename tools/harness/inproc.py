@@ -20,8 +20,10 @@ def import_comfy() -> Path:
 
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
+    import torch
 
-    comfy.cli_args.args.cpu = True
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # model_management probes CUDA at import time otherwise
     comfy.cli_args.args.disable_api_nodes = True
     import comfy.model_management  # noqa: F401  (initialises the device)
     import folder_paths  # noqa: F401
