@@ -122,27 +122,28 @@ def apply_tlora(patcher, tl: TLoRA, strength: float, max_rank: int, min_rank: in
         raise TLoRAError(tl.path, f"timestep_mode must be auto, discrete or flow, got {mode!r}")
     matched, unmatched, skipped = plan(patcher, tl)
 
-    needs = {key: a for _, key, a, _ in matched if a.needs_svd_base and not a.has_base}
+    # keyed by module name: several modules may patch slices of one fused weight (Flux qkv, linear1)
+    needs = {a.name: a for _, _, a, _ in matched if a.needs_svd_base and not a.has_base}
     bases = {}
     if needs:
         device = comfy.model_management.get_torch_device()
         weights = {}
-        for _, key, _a, out_slice in matched:
-            if key in needs:
+        for _, key, a, out_slice in matched:
+            if a.name in needs:
                 w = _original_weight(patcher, key)
                 if out_slice is not None:
                     w = w.narrow(0, *out_slice)
-                weights[key] = w.to(device)
+                weights[a.name] = w.to(device)
         stats: dict = {}
-        bases = base_triplets(weights, {k: a.rank for k, a in needs.items()}, svd_cache(), progress, stats)
+        bases = base_triplets(weights, {n: a.rank for n, a in needs.items()}, svd_cache(), progress, stats)
         log.info("T-LoRA %s: SVD base for %d layers (%d computed, %d from cache)", name, len(needs),
                  stats.get("computed", 0), stats.get("cached", 0))
 
     state = RankState(name, max_rank, min_rank, alpha, mode)
     bindings = []
     for path, key, adapter, out_slice in matched:
-        if key in bases:
-            adapter = adapter.with_svd_base(*(t.cpu() for t in bases[key]))
+        if adapter.name in bases:
+            adapter = adapter.with_svd_base(*(t.cpu() for t in bases[adapter.name]))
         module = comfy.utils.get_attr(patcher.model, path)
         bindings.append((path, LayerSlot(adapter, state, strength, out_slice, _conv_args(module))))
     app = TLoRAApplication(state, bindings)

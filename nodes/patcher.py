@@ -181,16 +181,17 @@ class TLoRAApplication:
         self.key = f"{WRAPPER_PREFIX}:{state.name}:{uuid.uuid4().hex[:8]}"
 
     def inject(self, patcher) -> None:
-        for path, slot in self.bindings:
+        # one slot key per binding: a fused layer (Flux qkv) carries several slices of one T-LoRA
+        for i, (path, slot) in enumerate(self.bindings):
             module = comfy.utils.get_attr(patcher.model, path)
-            _dispatch_forward(module)[self.key] = slot
+            _dispatch_forward(module)[f"{self.key}#{i}"] = slot
 
     def eject(self, patcher) -> None:
-        for path, slot in self.bindings:
+        for i, (path, slot) in enumerate(self.bindings):
             module = comfy.utils.get_attr(patcher.model, path)
             slots = module.__dict__.get("_tlora_slots")
             if slots is not None:
-                slots.pop(self.key, None)
+                slots.pop(f"{self.key}#{i}", None)
                 _undispatch(module)
             slot.release()
 
