@@ -141,7 +141,7 @@ def apply_tlora(patcher, tl: TLoRA, strength: float, max_rank: int, min_rank: in
 
     state = RankState(name, max_rank, min_rank, alpha, mode)
     bindings = []
-    for path, key, adapter, out_slice in matched:
+    for path, _key, adapter, out_slice in matched:
         if adapter.name in bases:
             adapter = adapter.with_svd_base(*(t.cpu() for t in bases[adapter.name]))
         module = comfy.utils.get_attr(patcher.model, path)
