@@ -139,7 +139,7 @@ def apply_tlora(patcher, tl: TLoRA, strength: float, max_rank: int, min_rank: in
         log.info("T-LoRA %s: SVD base for %d layers (%d computed, %d from cache)", name, len(needs),
                  stats.get("computed", 0), stats.get("cached", 0))
 
-    state = RankState(name, max_rank, min_rank, alpha, mode)
+    state = RankState(name, max_rank, min_rank, alpha, mode, tl.integer_timestep)
     bindings = []
     for path, _key, adapter, out_slice in matched:
         if adapter.name in bases:

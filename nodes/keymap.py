@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import comfy.lora
+import comfy.model_base
 
 FAMILY_HINTS = (
     (r"double_blocks|single_blocks|single_transformer_blocks|transformer_blocks\.\d+\.attn\.add_q_proj"
@@ -21,7 +22,49 @@ FAMILY_HINTS = (
 
 def model_key_map(model) -> dict:
     """ComfyUI's LoRA key map for this BaseModel: name -> weight key or (key, (dim, start, size))."""
-    return comfy.lora.model_lora_keys_unet(model, {})
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    add_flux2_keys(model, key_map)
+    return key_map
+
+
+def add_flux2_keys(model, key_map: dict) -> None:
+    """Flux 2's diffusers module names, which ComfyUI 0.3.75 maps with Flux 1's layout or not at all
+    (ff.linear_in/out, attn.to_qkv_mlp_proj, the shared modulations; its `proj_mlp` slice has Flux 1's
+    width). Sizes come from the model's config; fused weights get `(key, (0, start, size))` row slices."""
+    flux2 = getattr(comfy.model_base, "Flux2", None)
+    if flux2 is None or not isinstance(model, flux2):
+        return
+    cfg = model.model_config.unet_config
+    h = cfg["hidden_size"]
+    mlp_in = int(h * cfg["mlp_ratio"]) * (2 if cfg.get("mlp_silu_act") else 1)  # SwiGLU: gate + value
+    names = {}  # diffusers module -> ComfyUI weight key (without the "diffusion_model." prefix)
+    for i in range(cfg["depth"]):
+        d, c = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for s, qkv, ff, out in (("img", ("to_q", "to_k", "to_v"), "ff", "to_out.0"),
+                                ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "ff_context", "to_add_out")):
+            for j, n in enumerate(qkv):  # q, k, v are row blocks of one fused qkv
+                names[f"{d}.attn.{n}"] = (f"{c}.{s}_attn.qkv.weight", (0, j * h, h))
+            names[f"{d}.attn.{out}"] = f"{c}.{s}_attn.proj.weight"
+            names[f"{d}.{ff}.linear_in"] = f"{c}.{s}_mlp.0.weight"
+            names[f"{d}.{ff}.linear_out"] = f"{c}.{s}_mlp.2.weight"
+    for i in range(cfg["depth_single_blocks"]):
+        d, c = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        names[f"{d}.attn.to_qkv_mlp_proj"] = f"{c}.linear1.weight"  # linear1 = [q, k, v, mlp-in]
+        names[f"{d}.attn.to_out"] = f"{c}.linear2.weight"  # linear2 = [attn-out | mlp-out] -> hidden
+        for j, n in enumerate(("to_q", "to_k", "to_v")):  # Flux-1-style split names of linear1
+            names[f"{d}.attn.{n}"] = (f"{c}.linear1.weight", (0, j * h, h))
+        names[f"{d}.proj_mlp"] = (f"{c}.linear1.weight", (0, 3 * h, mlp_in))
+    # modulations: diffusers chunks (shift, scale, gate) like ComfyUI's Modulation, so no reordering
+    for m in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
+        names[f"{m}.linear"] = f"{m}.lin.weight"
+    embedders = ("timestep", "time_in"), ("guidance", "guidance_in")
+    for e, c in embedders[: 2 if cfg.get("guidance_embed") else 1]:
+        names[f"time_guidance_embed.{e}_embedder.linear_1"] = f"{c}.in_layer.weight"
+        names[f"time_guidance_embed.{e}_embedder.linear_2"] = f"{c}.out_layer.weight"
+    for d, c in names.items():
+        to = (f"diffusion_model.{c[0]}", c[1]) if isinstance(c, tuple) else f"diffusion_model.{c}"
+        flat = d.replace(".", "_")  # the spellings ComfyUI uses for Flux: diffusers, SimpleTuner, OneTrainer
+        key_map[f"transformer.{d}"] = key_map[f"lycoris_{flat}"] = key_map[f"lora_transformer_{flat}"] = to
 
 
 def candidates(name: str, naming: str) -> list[str]:

@@ -45,26 +45,39 @@ def resolve_mode(mode: str, model_sampling) -> str:
     return mode
 
 
+def require_api(patcher) -> None:
+    """The ComfyUI APIs this pack relies on (present in 0.3.75 and current releases)."""
+    missing = [name for name, ok in (
+        ("ModelPatcher.set_injections", hasattr(patcher, "set_injections")),
+        ("ModelPatcher.add_wrapper_with_key", hasattr(patcher, "add_wrapper_with_key")),
+        ("patcher_extension.PatcherInjection", hasattr(comfy.patcher_extension, "PatcherInjection")),
+        ("WrappersMP.APPLY_MODEL", hasattr(getattr(comfy.patcher_extension, "WrappersMP", None), "APPLY_MODEL")),
+    ) if not ok]
+    if missing:
+        raise RuntimeError(f"T-LoRA needs ComfyUI 0.3.75 or newer (missing: {', '.join(missing)}): update ComfyUI")
+
+
 class RankState:
     """The schedule of one T-LoRA application and the rank of the model call in progress."""
 
-    def __init__(self, name: str, max_rank: int, min_rank: int, alpha: float, mode: str):
+    def __init__(self, name: str, max_rank: int, min_rank: int, alpha: float, mode: str, integer_t: bool = True):
         schedule.validate(max_rank, min_rank, alpha)
         self.name, self.max_rank, self.min_rank, self.alpha, self.mode = name, max_rank, min_rank, alpha, mode
+        self.integer_t = integer_t
         self.rank: int | None = None  # None outside a model call: all ranks (what LyCORIS does unmasked)
         self.sample_ranks: list[int] | None = None  # per batch item when sigmas differ within a call
         self._memo: dict[tuple[float, ...], tuple[list[int], list[int]]] = {}
         self.trace_path = os.environ.get(TRACE_ENV) or None
 
-    def timesteps(self, sigma: torch.Tensor, model_sampling) -> list[int]:
+    def timesteps(self, sigma: torch.Tensor, model_sampling) -> list[float]:
         mode = resolve_mode(self.mode, model_sampling)
         sig = sigma.detach().float().reshape(-1)
         if mode == schedule.DISCRETE:
             disc = model_sampling.timestep(sigma.detach()).float().reshape(-1).tolist()
             return [schedule.timestep_from_sigma(s, mode, d) for s, d in zip(sig.tolist(), disc, strict=False)]
-        return [schedule.timestep_from_sigma(s, mode) for s in sig.tolist()]
+        return [schedule.timestep_from_sigma(s, mode, integer=self.integer_t) for s in sig.tolist()]
 
-    def ranks_for(self, sigma: torch.Tensor, model_sampling) -> tuple[list[int], list[int]]:
+    def ranks_for(self, sigma: torch.Tensor, model_sampling) -> tuple[list[float], list[int]]:
         key = tuple(sigma.detach().float().reshape(-1).tolist())
         hit = self._memo.get(key)
         if hit is None:
@@ -210,6 +223,7 @@ class TLoRAApplication:
 
     def attach(self, patcher) -> None:
         """Register on a (cloned) ModelPatcher."""
+        require_api(patcher)
         patcher.set_injections(self.key, [comfy.patcher_extension.PatcherInjection(self.inject, self.eject)])
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key,
                                      self.apply_model_wrapper)

@@ -32,7 +32,7 @@ def tiny():
     from tools import tiny_models
 
     return {"sd15": tiny_models.make_sd15(TINY_DIR), "sdxl": tiny_models.make_sdxl(TINY_DIR),
-            "vae": tiny_models.make_vae(TINY_DIR)}
+            "flux": tiny_models.make_flux(TINY_DIR), "vae": tiny_models.make_vae(TINY_DIR)}
 
 
 def _write_sidecar(folder: Path, extra: dict | None = None) -> None:
@@ -60,6 +60,13 @@ def loras(tiny, tmp_path_factory) -> Path:
                                               seed=seed, strength=0.5)
         net.restore()
         _write_sidecar(sub)
+    # the official repo's Flux checkpoint: a torch.save'd dict of vanilla LoRA tensors, no schedule recorded
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(tiny["flux"]["diffusers_dir"])))
+    (folder / "tlora_flux").mkdir()
+    tiny_models.write_official_flux_pt(flux, folder / "tlora_flux" / "lora.pt", RANK, seed=3, strength=0.5)
     return folder
 
 
@@ -70,7 +77,7 @@ def server(tiny, loras, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("comfy")
     trace = base / "trace.jsonl"
-    files = {"diffusion_models": [tiny["sd15"]["comfy_file"], tiny["sdxl"]["comfy_file"]],
+    files = {"diffusion_models": [tiny[k]["comfy_file"] for k in ("sd15", "sdxl", "flux")],
              "vae": list(tiny["vae"][k] for k in ("vae_4ch", "vae_16ch")),
              "loras": list(loras.iterdir())}
     srv = ComfyServer(base, models=files, env={"TLORA_TRACE": trace, "TLORA_CACHE_DIR": base / "svd_cache"})

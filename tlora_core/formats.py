@@ -73,6 +73,8 @@ class TLoRA:
     # schedule values recorded with the file: name -> (value, where it was found)
     recorded: dict[str, tuple[float, str]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # False where the trainer fed its mask a float timestep (official Flux pipeline: t = sigma * 1000)
+    integer_timestep: bool = True
 
     @property
     def naming(self) -> str:
@@ -285,9 +287,9 @@ def load_tlora(path: str | os.PathLike, assume_vanilla: bool = False, sidecar: b
     if not modules and not te_modules:
         raise TLoRAError(path, f"no usable modules ({len(skipped)} skipped: "
                                f"{next(iter(skipped.values()), '')})")
-    if fmt in (OFFICIAL_ORTHO, OFFICIAL_VANILLA) and "max_rank" not in recorded:
-        pass  # rank comes from tensor shapes
+    official_flux = fmt == OFFICIAL_VANILLA and path.lower().endswith((".pt", ".pth", ".bin", ".ckpt"))
     tl = TLoRA(path=path, format=fmt, modules=modules, text_encoder_modules=te_modules,
+               integer_timestep=not official_flux,
                skipped=skipped, recorded=recorded, metadata=metadata)
     ranks = {m.rank for m in modules.values()}
     if len(ranks) > 1:

@@ -54,12 +54,14 @@ def rank_mask(t: float, max_rank: int, min_rank: int = 1, alpha: float = 1.0,
     return mask
 
 
-def timestep_from_sigma(sigma: float, mode: str, discrete_timestep: float | None = None) -> int:
-    """The trainer's integer t for one sampler sigma.
+def timestep_from_sigma(sigma: float, mode: str, discrete_timestep: float | None = None,
+                        integer: bool = True) -> float:
+    """The trainer's t for one sampler sigma.
 
     DISCRETE: the model's own timestep for sigma (ComfyUI `model_sampling.timestep(sigma)`),
     passed as `discrete_timestep`, truncated like `int(t)` in the trainers' loops.
-    FLOW: int(sigma * 1000), sigma in [0, 1] after shift.
+    FLOW: int(sigma * 1000), sigma in [0, 1] after shift. `integer=False` keeps sigma * 1000 as a
+    float, which is what the official T-LoRA Flux pipeline feeds its mask.
     """
     if mode == DISCRETE:
         if discrete_timestep is None:
@@ -71,7 +73,8 @@ def timestep_from_sigma(sigma: float, mode: str, discrete_timestep: float | None
         raise ValueError(f"timestep mode must be one of {TIMESTEP_MODES}, got {mode!r}")
     if not math.isfinite(t):
         raise ValueError(f"sigma {sigma!r} gives no finite timestep")
-    return int(min(max(t, 0.0), MAX_TIMESTEP))
+    t = min(max(t, 0.0), float(MAX_TIMESTEP))
+    return int(t) if integer else t
 
 
 def ranks_for_timesteps(timesteps: Iterable[float], max_rank: int, min_rank: int = 1,

@@ -161,3 +161,45 @@ def test_bad_file_gives_a_clear_error_and_server_keeps_serving(server, tiny, tmp
     # still serving, and the good file still works
     ok = workflow.substitute_tiny(api, sdxl_files(tiny), SDXL_COND, overrides)
     assert len(server.images(server.run(ok))) == 1
+
+
+def test_flux_example_workflow_with_an_official_flux_file(server, tiny, artifacts):
+    """Flux: flow-model timesteps (sigma * 1000; a float for the official repo's Flux pipeline)."""
+    info = server.get("/object_info")
+    files = {"unet": Path(tiny["flux"]["comfy_file"]).name, "vae": Path(tiny["vae"]["vae_16ch"]).name,
+             "lora": "tlora_flux/lora.pt"}
+    prompt = workflow.substitute_tiny(workflow.to_api(workflow.load(WF / "tlora_flux_txt2img.json"), info), files,
+                                      {"tokens": 8, "context_dim": 4096, "pooled_dim": 768},
+                                      {"EmptySD3LatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 4}})
+    start = trace_len(server)
+    entry = server.run(prompt)
+    png = server.images(entry)[0]
+    (artifacts / "flux_tlora.png").write_bytes(png)
+    calls = trace_lines(server, start)
+    assert len(calls) == 4
+    for c in calls:
+        assert (c["max_rank"], c["min_rank"], c["alpha"]) == (RANK, 1, 1.0)  # nothing recorded: defaults
+        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
+            assert t == pytest.approx(sigma * 1000, rel=1e-6)
+            assert rank == schedule.active_rank(t, RANK, 1, 1.0)
+    assert calls[0]["rank"][0] < calls[-1]["rank"][0]  # shifted flow sigmas stay high over 4 steps
+
+
+def test_batch_of_two_and_img2img_start_part_way(server, tiny):
+    info = server.get("/object_info")
+    prompt = workflow.substitute_tiny(
+        workflow.to_api(workflow.load(WF / "tlora_sdxl_txt2img.json"), info), sdxl_files(tiny), SDXL_COND,
+        {"EmptyLatentImage": {"width": SIZE, "height": SIZE, "batch_size": 2},
+         "KSampler": {"steps": 4, "cfg": 4.0, "denoise": 0.5}})
+    start = trace_len(server)
+    entry = server.run(prompt)
+    assert len(server.images(entry)) == 2
+    calls = trace_lines(server, start)
+    assert len(calls) == 4
+    table = discrete_sigmas()
+    for c in calls:
+        assert len(c["sigma"]) == 4  # cond + uncond for each of the two images, one sigma each
+        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
+            assert t == int(np.abs(np.log(table) - np.log(sigma)).argmin())
+            assert rank == schedule.active_rank(t, RANK, MIN_RANK, TLORA_ALPHA)
+    assert calls[0]["t"][0] < 900  # denoise 0.5 starts half-way down the schedule
