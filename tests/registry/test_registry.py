@@ -1,0 +1,71 @@
+"""Comfy Registry readiness: metadata, `comfy node validate`, publishing filters, templates and help pages."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+NODE_IDS = ("TLoRALoader", "TLoRASchedulePreview")
+
+
+def test_pyproject_has_what_the_registry_needs():
+    proj, comfy = PROJECT["project"], PROJECT["tool"]["comfy"]
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-_]{1,99}", proj["name"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", proj["version"])
+    assert proj["description"] and proj["license"] and proj["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"].startswith("https://")
+    assert comfy["requires-comfyui"].startswith(">=")
+    assert (ROOT / "LICENSE").is_file() and (ROOT / "CHANGELOG.md").is_file()
+    assert proj["version"] in (ROOT / "CHANGELOG.md").read_text()
+    assert (ROOT / ".github" / "workflows" / "publish.yml").is_file()
+
+
+def test_comfy_node_validate_passes():
+    comfy = Path(sys.executable).with_name("comfy")
+    res = subprocess.run([str(comfy), "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "NO_COLOR": "1"})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "All validation checks passed" in out and "Security warnings" not in out, out
+
+
+def test_tests_tools_and_benchmarks_are_not_published():
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".comfyignore").read_text().splitlines() if line.strip()}
+    assert {"tests", "tools", "benchmarks", "scripts"} <= ignored
+
+
+@pytest.mark.parametrize("wf", sorted((ROOT / "example_workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_every_example_workflow_has_a_thumbnail(wf):
+    thumb = wf.with_suffix(".jpg")
+    assert thumb.is_file() and thumb.stat().st_size > 5000
+    from PIL import Image
+
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and im.size[0] >= 320
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_every_node_has_a_help_page(node_id):
+    page = ROOT / "js" / "docs" / f"{node_id}.md"
+    assert page.is_file() and page.read_text().startswith("# ")
+
+
+def test_templates_are_served(server):
+    names = server.get("/workflow_templates")["ComfyUI-TLoRA"]
+    assert sorted(names) == sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
+    for name in names:
+        assert server.get(f"/api/workflow_templates/ComfyUI-TLoRA/{name}.json")["nodes"]
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_help_pages_are_served_where_the_frontend_looks(server, node_id):
+    body = server.get(f"/extensions/ComfyUI-TLoRA/docs/{node_id}.md")
+    assert body.decode().startswith("# ")
