@@ -553,3 +553,141 @@ def write_official_flux_pt(transformer, path, rank: int, seed: int = 0, strength
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, str(path))
     return sd
+
+
+# --------------------------------------------------------------------------------------------
+# SD3 (MMDiT) and Flux 2: in-process pairs
+# --------------------------------------------------------------------------------------------
+# SD3: ComfyUI's MMDiT fixes head width 64 (hidden = 64 x depth, heads = depth). Two blocks, the first
+# with SD3.5's dual attention (attn2), RMS q/k norms, pos-embed grid 8x8, context 32, pooled 32.
+SD3_SMALL = dict(depth=2, context_dim=32, pooled_dim=32, pos_max=8, dual_layers=(0,))
+# Flux 2: hidden 64 = 2 heads x 32 (4 RoPE axes of 8), 1 double + 1 single block, 16 latent channels,
+# SwiGLU MLPs (ratio 3), shared modulations, no biases, guidance embedding.
+FLUX2_SMALL = dict(hidden=64, heads=2, depth=1, single=1, context_dim=32, channels=16, axes=(8, 8, 8, 8))
+# LyCORIS preset targets reaching every Linear inside the blocks (like FLUX_TARGETS)
+SD3_TARGETS = ("JointTransformerBlock",)
+FLUX2_TARGETS = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
+
+
+def sd3_small_configs() -> tuple[dict, dict]:
+    """(diffusers SD3Transformer2DModel config, ComfyUI MMDiT unet_config) of the small SD3 pair."""
+    s = SD3_SMALL
+    hidden = 64 * s["depth"]
+    diff = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=s["depth"],
+                attention_head_dim=64, num_attention_heads=s["depth"], joint_attention_dim=s["context_dim"],
+                caption_projection_dim=hidden, pooled_projection_dim=s["pooled_dim"], pos_embed_max_size=s["pos_max"],
+                dual_attention_layers=tuple(s["dual_layers"]), qk_norm="rms_norm")
+    comfy = dict(in_channels=16, out_channels=16, patch_size=2, depth=s["depth"], input_size=None,
+                 adm_in_channels=s["pooled_dim"], num_patches=s["pos_max"] ** 2, pos_embed_max_size=s["pos_max"],
+                 context_embedder_config={"target": "torch.nn.Linear",
+                                          "params": {"in_features": s["context_dim"], "out_features": hidden}},
+                 qk_norm="rms", pos_embed_scaling_factor=None, x_block_self_attn_layers=list(s["dual_layers"]))
+    return diff, comfy
+
+
+def build_comfy_sd3_small(seed: int = 0):
+    """(ComfyUI `model_base.SD3`, diffusers SD3Transformer2DModel) with identical fp32 weights (see
+    SD3_SMALL), converted with ComfyUI's own `comfy.utils.mmdit_to_diffusers` (fused qkv slices and the
+    last block's swapped scale/shift included). Compare with `run_diffusers_sd3`."""
+    comfy = import_comfy()
+    from diffusers import SD3Transformer2DModel
+
+    diff_cfg, unet_config = sd3_small_configs()
+    model = SD3Transformer2DModel(**diff_cfg)  # not on meta: keeps the sin-cos pos_embed buffer real
+    fill_random_(model, seed)
+    comfy_sd = diffusers_to_comfy(model.state_dict(), comfy.utils.mmdit_to_diffusers(unet_config))
+    return _comfy_model(comfy, comfy.supported_models.SD3(unet_config), comfy_sd), model
+
+
+def run_diffusers_sd3(transformer, x, timestep, context, y) -> torch.Tensor:
+    """Call a diffusers SD3 transformer like ComfyUI's MMDiT `forward(x, timesteps, context, y)`: x is a
+    (B, 16, H, W) latent, timestep (B,) in ComfyUI's units for SD3 (sigma * 1000, what the trainer used)."""
+    return transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=y, timestep=timestep,
+                       return_dict=False)[0]
+
+
+def flux2_small_configs() -> tuple[dict, dict]:
+    """(diffusers Flux2Transformer2DModel config, ComfyUI Flux2 unet_config) of the small Flux 2 pair;
+    the ComfyUI side carries the constants ComfyUI 0.3.75's detection sets for Flux 2."""
+    s = FLUX2_SMALL
+    diff = dict(patch_size=1, in_channels=s["channels"], num_layers=s["depth"], num_single_layers=s["single"],
+                attention_head_dim=s["hidden"] // s["heads"], num_attention_heads=s["heads"],
+                joint_attention_dim=s["context_dim"], mlp_ratio=3.0, axes_dims_rope=tuple(s["axes"]), rope_theta=2000,
+                guidance_embeds=True)
+    comfy = dict(image_model="flux2", in_channels=s["channels"], out_channels=s["channels"], vec_in_dim=None,
+                 context_in_dim=s["context_dim"], hidden_size=s["hidden"], mlp_ratio=3.0, num_heads=s["heads"],
+                 depth=s["depth"], depth_single_blocks=s["single"], axes_dim=list(s["axes"]), theta=2000, patch_size=1,
+                 qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                 default_ref_method="index", ref_index_scale=10.0)
+    return diff, comfy
+
+
+def flux2_to_diffusers(unet_config: dict) -> dict[str, Any]:
+    """diffusers Flux2Transformer2DModel key -> ComfyUI Flux 2 key, in the format of ComfyUI's
+    `*_to_diffusers` maps (ComfyUI 0.3.75 has none for Flux 2). Read off both model definitions:
+    double blocks fuse to_q/k/v (add_q/k/v_proj) into `img_attn.qkv` (`txt_attn.qkv`); single blocks'
+    `attn.to_qkv_mlp_proj` / `attn.to_out` already are ComfyUI's fused `linear1` / `linear2`; the final
+    AdaLayerNormContinuous emits (scale, shift), ComfyUI's LastLayer (shift, scale). No biases anywhere."""
+    import comfy.utils
+
+    h = unet_config["hidden_size"]
+    km: dict[str, Any] = {}
+    for i in range(unet_config["depth"]):
+        d, c = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for s, qkv, ff, out, (nq, nk) in (("img", ("to_q", "to_k", "to_v"), "ff", "to_out.0", ("norm_q", "norm_k")),
+                                          ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "ff_context",
+                                           "to_add_out", ("norm_added_q", "norm_added_k"))):
+            for j, n in enumerate(qkv):
+                km[f"{d}.attn.{n}.weight"] = (f"{c}.{s}_attn.qkv.weight", (0, j * h, h))
+            km[f"{d}.attn.{out}.weight"] = f"{c}.{s}_attn.proj.weight"
+            km[f"{d}.attn.{nq}.weight"] = f"{c}.{s}_attn.norm.query_norm.scale"
+            km[f"{d}.attn.{nk}.weight"] = f"{c}.{s}_attn.norm.key_norm.scale"
+            km[f"{d}.{ff}.linear_in.weight"] = f"{c}.{s}_mlp.0.weight"
+            km[f"{d}.{ff}.linear_out.weight"] = f"{c}.{s}_mlp.2.weight"
+    for i in range(unet_config["depth_single_blocks"]):
+        d, c = f"single_transformer_blocks.{i}.attn", f"single_blocks.{i}"
+        km.update({f"{d}.to_qkv_mlp_proj.weight": f"{c}.linear1.weight", f"{d}.to_out.weight": f"{c}.linear2.weight",
+                   f"{d}.norm_q.weight": f"{c}.norm.query_norm.scale",
+                   f"{d}.norm_k.weight": f"{c}.norm.key_norm.scale"})
+    basic = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+             "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+             "single_stream_modulation.linear": "single_stream_modulation.lin"}
+    if unet_config.get("guidance_embed"):
+        basic.update({"time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+                      "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer"})
+    km.update({f"{d}.weight": f"{c}.weight" for d, c in basic.items()})
+    km["norm_out.linear.weight"] = ("final_layer.adaLN_modulation.1.weight", None, comfy.utils.swap_scale_shift)
+    return km
+
+
+def build_comfy_flux2_small(seed: int = 0):
+    """(ComfyUI `model_base.Flux2`, diffusers Flux2Transformer2DModel) with identical fp32 weights (see
+    FLUX2_SMALL), converted with `flux2_to_diffusers`. Compare with `run_diffusers_flux2`."""
+    comfy = import_comfy()
+    from diffusers import Flux2Transformer2DModel
+
+    diff_cfg, unet_config = flux2_small_configs()
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**diff_cfg)
+    fill_random_(model, seed)
+    comfy_sd = diffusers_to_comfy(model.state_dict(), flux2_to_diffusers(unet_config))
+    return _comfy_model(comfy, comfy.supported_models.Flux2(unet_config), comfy_sd), model
+
+
+def run_diffusers_flux2(transformer, x, timestep, context, guidance=None) -> torch.Tensor:
+    """Call a diffusers Flux 2 transformer like ComfyUI's `Flux2.forward(x, timestep, context, guidance=...)`:
+    x is a (B, C, H, W) latent (patch size 1), timestep/guidance (B,) in ComfyUI units (sigma, cfg); builds
+    ComfyUI's 4-axis ids (image (0, row, col, 0), text (0, 0, 0, index)) and unpacks the output."""
+    b, c, h, w = x.shape
+    img_ids = torch.zeros(h, w, 4)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    txt_ids = torch.zeros(context.shape[1], 4)
+    txt_ids[:, 3] = torch.arange(context.shape[1])
+    out = transformer(hidden_states=x.reshape(b, c, h * w).transpose(1, 2), encoder_hidden_states=context,
+                      timestep=timestep, img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids, guidance=guidance,
+                      return_dict=False)[0]
+    return out.transpose(1, 2).reshape(b, c, h, w)
