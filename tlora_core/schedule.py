@@ -82,6 +82,18 @@ def ranks_for_timesteps(timesteps: Iterable[float], max_rank: int, min_rank: int
     return [active_rank(t, max_rank, min_rank, alpha) for t in timesteps]
 
 
+def ranks_for_sigmas(sigmas: Iterable[float], max_rank: int, min_rank: int = 1, alpha: float = 1.0,
+                     mode: str = FLOW, discrete_timesteps: Iterable[float] | None = None,
+                     integer: bool = True) -> list[int]:
+    """Active rank for each sampler sigma (discrete mode needs the model's timestep of each sigma)."""
+    sigmas = list(sigmas)
+    disc = [None] * len(sigmas) if discrete_timesteps is None else list(discrete_timesteps)
+    if len(disc) != len(sigmas):
+        raise ValueError("discrete_timesteps must have one entry per sigma")
+    return [active_rank(timestep_from_sigma(s, mode, d, integer), max_rank, min_rank, alpha)
+            for s, d in zip(sigmas, disc, strict=True)]
+
+
 def schedule_table(max_rank: int, min_rank: int = 1, alpha: float = 1.0,
                    timesteps: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """(t, rank) pairs, every integer t in [0, 999] unless `timesteps` is given."""

@@ -123,3 +123,13 @@ def test_flow_timestep_feeds_the_schedule_like_the_trainer():
 
 def test_rank_mask_accepts_an_integral_float_rank():
     assert torch.equal(rank_mask(500, 8.0, 2, 1.0), compute_timestep_mask(500, 1000, 8, 2, 1.0))
+
+
+def test_ranks_for_sigmas_follows_each_convention():
+    from tlora_core.schedule import DISCRETE, FLOW, ranks_for_sigmas
+
+    # flow: t = int(sigma * 1000); discrete: the model's own timestep for each sigma
+    assert ranks_for_sigmas([1.0, 0.75, 0.5, 0.2501, 0.0], 64, 1, 1.0, FLOW) == [1, 16, 32, 48, 64]
+    assert ranks_for_sigmas([14.6, 0.03], 64, 1, 2.0, DISCRETE, discrete_timesteps=[999, 250]) == [1, 36]
+    with pytest.raises(ValueError):
+        ranks_for_sigmas([1.0], 64, 1, 1.0, DISCRETE)
