@@ -15,7 +15,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from tlora_core import TLoRA, TLoRAError, load_tlora, schedule
+from tlora_core import TLoRA, TLoRAError, diagnostics, load_tlora, schedule
 from tlora_core.svd import SVDCache, base_triplets
 
 from . import keymap
@@ -69,7 +69,10 @@ def _conv_args(module) -> dict | None:
 
 
 def plan(patcher, tl: TLoRA):
-    """[(module path, weight key, adapter, out_slice)], unmatched names, {name: why skipped}.
+    """[(module path, weight key, adapter, out_slice, reorder)], unmatched names, {name: why skipped}.
+
+    `reorder` is the row transform of ComfyUI key-map entries `(key, None, fn)` (e.g. swap_scale_shift,
+    diffusers' (scale, shift) vs ComfyUI's (shift, scale)): it maps the model's rows to the file's order.
 
     Raises when nothing matches or a module's shape says the file is for another architecture."""
     key_map = keymap.model_key_map(patcher.model)
@@ -81,6 +84,7 @@ def plan(patcher, tl: TLoRA):
             unmatched.append(name)
             continue
         key, out_slice = (hit, None) if isinstance(hit, str) else (hit[0], hit[1])
+        reorder = hit[2] if isinstance(hit, tuple) and len(hit) > 2 else None
         if not key.endswith(".weight") or key not in model_keys:
             unmatched.append(name)
             continue
@@ -100,7 +104,7 @@ def plan(patcher, tl: TLoRA):
             raise TLoRAError(tl.path, f"module '{name}' has shape {adapter.out_features}x{adapter.in_features} but "
                                       f"the model's '{key}' is {'x'.join(map(str, shape))}: this T-LoRA was trained "
                                       "for a different model architecture")
-        matched.append((key[: -len(".weight")], key, adapter, out_slice))
+        matched.append((key[: -len(".weight")], key, adapter, out_slice, reorder))
     if not matched:
         family = keymap.guess_family(tl.modules)
         looks = f" Its module names look like {family}." if family else ""
@@ -123,27 +127,35 @@ def apply_tlora(patcher, tl: TLoRA, strength: float, max_rank: int, min_rank: in
     matched, unmatched, skipped = plan(patcher, tl)
 
     # keyed by module name: several modules may patch slices of one fused weight (Flux qkv, linear1)
-    needs = {a.name: a for _, _, a, _ in matched if a.needs_svd_base and not a.has_base}
+    needs = {a.name: a for _, _, a, _, _ in matched if a.needs_svd_base and not a.has_base}
     bases = {}
     if needs:
         device = comfy.model_management.get_torch_device()
         weights = {}
-        for _, key, a, out_slice in matched:
+        for _, key, a, out_slice, reorder in matched:
             if a.name in needs:
                 w = _original_weight(patcher, key)
                 if out_slice is not None:
                     w = w.narrow(0, *out_slice)
+                if reorder is not None:
+                    w = reorder(w)  # the trainer's SVD saw the weight in its own row order
                 weights[a.name] = w.to(device)
         stats: dict = {}
         bases = base_triplets(weights, {n: a.rank for n, a in needs.items()}, svd_cache(), progress, stats)
-        log.info("T-LoRA %s: SVD base for %d layers (%d computed, %d from cache)", name, len(needs),
-                 stats.get("computed", 0), stats.get("cached", 0))
+        aligned = diagnostics.alignment(needs, bases)
+        log.info("T-LoRA %s: SVD base for %d layers (%d computed, %d from cache); alignment with the trained "
+                 "factors %.3f", name, len(needs), stats.get("computed", 0), stats.get("cached", 0), aligned.figure)
+        warning = diagnostics.mismatch_message(name, aligned)
+        if warning:
+            log.warning(warning)
 
     state = RankState(name, max_rank, min_rank, alpha, mode, tl.integer_timestep)
     bindings = []
-    for path, _key, adapter, out_slice in matched:
+    for path, _key, adapter, out_slice, reorder in matched:
         if adapter.name in bases:
             adapter = adapter.with_svd_base(*(t.cpu() for t in bases[adapter.name]))
+        if reorder is not None:
+            adapter = adapter.with_rows(reorder)
         module = comfy.utils.get_attr(patcher.model, path)
         bindings.append((path, LayerSlot(adapter, state, strength, out_slice, _conv_args(module))))
     app = TLoRAApplication(state, bindings)

@@ -82,6 +82,13 @@ class ModuleAdapter:
             return f"layer weight of shape {shape} does not fit factors for {self.weight_shape}"
         return None
 
+    def with_rows(self, fn) -> ModuleAdapter:
+        """A copy whose output rows are transformed by `fn` (a row permutation of an (out, ...) tensor)."""
+        out = replace(self, up=fn(self.up))
+        if self.base_up is not None:
+            out.base_up = fn(self.base_up)
+        return out
+
     def _require_base(self, base_weight: torch.Tensor | None) -> None:
         if self.has_base:
             return

@@ -203,3 +203,35 @@ def test_batch_of_two_and_img2img_start_part_way(server, tiny):
             assert t == int(np.abs(np.log(table) - np.log(sigma)).argmin())
             assert rank == schedule.active_rank(t, RANK, MIN_RANK, TLORA_ALPHA)
     assert calls[0]["t"][0] < 900  # denoise 0.5 starts half-way down the schedule
+
+
+@pytest.mark.parametrize("order", ["tlora_first", "patches_first"])
+def test_tlora_with_other_model_patches_and_wrappers(server, tiny, order):
+    """Works beside other model patches (FreeU_V2), sampling overrides (ModelSamplingDiscrete) and wrappers."""
+    info = server.get("/object_info")
+    prompt = workflow.substitute_tiny(
+        workflow.to_api(workflow.load(WF / "tlora_sdxl_txt2img.json"), info), sdxl_files(tiny), SDXL_COND,
+        {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 4, "cfg": 3.0}})
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "TLoRALoader")
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    base = prompt[loader]["inputs"]["model"]
+    prompt["90"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": None, "sampling": "v_prediction",
+                                                                      "zsnr": False}}
+    prompt["91"] = {"class_type": "FreeU_V2", "inputs": {"model": ["90", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9,
+                                                         "s2": 0.2}}
+    if order == "tlora_first":
+        prompt["90"]["inputs"]["model"] = [loader, 0]
+        prompt[sampler]["inputs"]["model"] = ["91", 0]
+    else:
+        prompt["90"]["inputs"]["model"] = base
+        prompt[loader]["inputs"]["model"] = ["91", 0]
+    start = trace_len(server)
+    entry = server.run(prompt)
+    assert len(server.images(entry)) == 1
+    calls = trace_lines(server, start)
+    assert len(calls) == 4
+    table = discrete_sigmas()
+    for c in calls:
+        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
+            assert t == int(np.abs(np.log(table) - np.log(sigma)).argmin())
+            assert rank == schedule.active_rank(t, RANK, MIN_RANK, TLORA_ALPHA)
