@@ -64,7 +64,8 @@ def loras(tiny, tmp_path_factory) -> Path:
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        flux = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(tiny["flux"]["diffusers_dir"])))
+        config = FluxTransformer2DModel.load_config(str(tiny["flux"]["diffusers_dir"]))
+        flux = FluxTransformer2DModel.from_config(config)
     (folder / "tlora_flux").mkdir()
     tiny_models.write_official_flux_pt(flux, folder / "tlora_flux" / "lora.pt", RANK, seed=3, strength=0.5)
     return folder

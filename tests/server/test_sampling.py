@@ -170,7 +170,8 @@ def test_flux_example_workflow_with_an_official_flux_file(server, tiny, artifact
              "lora": "tlora_flux/lora.pt"}
     prompt = workflow.substitute_tiny(workflow.to_api(workflow.load(WF / "tlora_flux_txt2img.json"), info), files,
                                       {"tokens": 8, "context_dim": 4096, "pooled_dim": 768},
-                                      {"EmptySD3LatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 4}})
+                                      {"EmptySD3LatentImage": {"width": SIZE, "height": SIZE},
+                                       "KSampler": {"steps": 4}})
     start = trace_len(server)
     entry = server.run(prompt)
     png = server.images(entry)[0]
