@@ -32,6 +32,17 @@ def discrete_sigmas() -> np.ndarray:
     return np.sqrt((1 - acp) / acp)
 
 
+def assert_discrete_schedule(calls: list[dict]) -> None:
+    """Each call's t is the nearest discrete timestep of its sigma (in log space, as ComfyUI does) and its
+    rank is the sidecar schedule's rank at t."""
+    table = discrete_sigmas()
+    for c in calls:
+        assert (c["max_rank"], c["min_rank"], c["alpha"]) == (RANK, MIN_RANK, TLORA_ALPHA)
+        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
+            assert t == int(np.abs(np.log(table) - np.log(sigma)).argmin())
+            assert rank == schedule.active_rank(t, RANK, MIN_RANK, TLORA_ALPHA)
+
+
 def trace_lines(server, start: int) -> list[dict]:
     lines = server.trace_path.read_text().splitlines() if server.trace_path.exists() else []
     return [json.loads(x) for x in lines[start:]]
@@ -81,14 +92,7 @@ def test_every_call_uses_the_rank_of_its_sigma(server, tiny, sampler, scheduler,
     calls = trace_lines(server, start)
     per_step = 2 if sampler == "heun" else 1
     assert len(calls) == per_step * steps - (per_step - 1), [c["sigma"] for c in calls]
-    table = discrete_sigmas()
-    for c in calls:
-        assert (c["max_rank"], c["min_rank"], c["alpha"]) == (RANK, MIN_RANK, TLORA_ALPHA)
-        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
-            # the trainer's t: the nearest discrete timestep of this sigma (in log space, as ComfyUI does)
-            want_t = int(np.abs(np.log(table) - np.log(sigma)).argmin())
-            assert t == want_t
-            assert rank == schedule.active_rank(want_t, RANK, MIN_RANK, TLORA_ALPHA)
+    assert_discrete_schedule(calls)
     ranks = [c["rank"][0] for c in calls]
     assert ranks[0] == MIN_RANK and max(ranks) > MIN_RANK, ranks
 
@@ -197,12 +201,8 @@ def test_batch_of_two_and_img2img_start_part_way(server, tiny):
     assert len(server.images(entry)) == 2
     calls = trace_lines(server, start)
     assert len(calls) == 4
-    table = discrete_sigmas()
-    for c in calls:
-        assert len(c["sigma"]) == 4  # cond + uncond for each of the two images, one sigma each
-        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
-            assert t == int(np.abs(np.log(table) - np.log(sigma)).argmin())
-            assert rank == schedule.active_rank(t, RANK, MIN_RANK, TLORA_ALPHA)
+    assert all(len(c["sigma"]) == 4 for c in calls)  # cond + uncond for each of the two images
+    assert_discrete_schedule(calls)
     assert calls[0]["t"][0] < 900  # denoise 0.5 starts half-way down the schedule
 
 
@@ -231,8 +231,4 @@ def test_tlora_with_other_model_patches_and_wrappers(server, tiny, order):
     assert len(server.images(entry)) == 1
     calls = trace_lines(server, start)
     assert len(calls) == 4
-    table = discrete_sigmas()
-    for c in calls:
-        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
-            assert t == int(np.abs(np.log(table) - np.log(sigma)).argmin())
-            assert rank == schedule.active_rank(t, RANK, MIN_RANK, TLORA_ALPHA)
+    assert_discrete_schedule(calls)
