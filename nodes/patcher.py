@@ -128,11 +128,19 @@ class LayerSlot:
             h = F.linear(x, down[:n])
             if st.sample_ranks is not None:
                 h = h * self._sample_mask(h, n, k, -1)
-            d = h @ up_t[:n]
-            if self.out_slice is None:
-                return y + d
-            y = y.clone()
-            y.narrow(-1, self.out_slice[0], self.out_slice[1]).add_(d)
+            out = y.shape[-1]
+            if not y.is_contiguous() or y.dtype != h.dtype:
+                d = (h @ up_t[:n]).to(y.dtype)
+                if self.out_slice is None:
+                    return y + d
+                y = y.clone()
+                y.narrow(-1, *self.out_slice).add_(d)
+                return y
+            # y is the layer's own fresh output: accumulate into it with one fused GEMM (no temporaries)
+            y2 = y.view(-1, out)
+            if self.out_slice is not None:
+                y2 = y2.narrow(1, *self.out_slice)
+            y2.addmm_(h.reshape(-1, n), up_t[:n])
             return y
         h = F.conv2d(x, down[:n, :, None, None], None, **self.conv)
         if st.sample_ranks is not None:
