@@ -38,6 +38,16 @@ function currentSchedule(node) {
   return { maxRank, minRank, alpha };
 }
 
+// With schedule_source = file, show the values the file records on the sliders themselves.
+function prefillFromFile(node) {
+  const rec = node.tloraInfo?.recorded;
+  if (!rec || widget(node, "schedule_source")?.value !== "file") return;
+  for (const name of ["min_rank", "alpha"]) {
+    const w = widget(node, name);
+    if (w && rec[name] && rec[name].source !== "default") w.value = rec[name].value;
+  }
+}
+
 function refresh(node) {
   const s = currentSchedule(node);
   let ranks = null;
@@ -64,6 +74,7 @@ async function fetchInfo(node) {
       const res = await api.fetchApi(`/tlora/info?lora_name=${encodeURIComponent(name)}&vanilla_tlora=${vanilla}`);
       const body = await res.json();
       node.tloraInfo = res.ok ? body : { error: body.error };
+      prefillFromFile(node);
     } catch (e) {
       node.tloraInfo = { error: String(e) };
     }
@@ -126,7 +137,11 @@ app.registerExtension({
         return [width, GRAPH_HEIGHT];
       },
     });
-    for (const name of ["min_rank", "alpha", "max_rank", "schedule_source"]) onChange(widget(node, name), () => refresh(node));
+    for (const name of ["min_rank", "alpha", "max_rank"]) onChange(widget(node, name), () => refresh(node));
+    onChange(widget(node, "schedule_source"), () => {
+      prefillFromFile(node);
+      refresh(node);
+    });
     for (const name of ["lora_name", "vanilla_tlora"]) onChange(widget(node, name), () => fetchInfo(node));
     const size = node.computeSize();
     node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);

@@ -103,13 +103,30 @@ def _wait_schedule(page, want: tuple[int, int, float], timeout=20.0) -> dict:
     raise AssertionError(f"live graph never showed {want}: {_schedule(page)}")
 
 
+def screenshot_loader(page, path: Path) -> None:
+    """A screenshot of just the Load T-LoRA node (used in the README)."""
+    rect = page.evaluate("""() => { const c = window.app.canvas, n = window.app.graph._nodes.find(
+            n => n.type === 'TLoRALoader'), W = c.canvas.clientWidth, H = c.canvas.clientHeight;
+        c.ds.scale = 1.3;
+        c.ds.offset = [W / 2 / 1.3 - n.pos[0] - n.size[0] / 2, H / 2 / 1.3 - n.pos[1] - n.size[1] / 2];
+        c.setDirty(true, true); const b = c.canvas.getBoundingClientRect();
+        return {x: b.left + W / 2 - n.size[0] * 1.3 / 2 - 12, y: b.top + H / 2 - (n.size[1] + 30) * 1.3 / 2 - 20,
+                width: n.size[0] * 1.3 + 24, height: (n.size[1] + 30) * 1.3 + 28}; }""")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(path), clip=rect)
+
+
 def test_live_graph_follows_file_and_sliders(page, artifacts):
     load_graph(page, json.loads((HERE / "tiny_sdxl_ui.json").read_text()))
     _set(page, "lora_name", LORA)
     # schedule_source = file: rank from tensor shapes, min_rank and alpha from the sidecar
     s = _wait_schedule(page, (RANK, MIN_RANK, TLORA_ALPHA))
     assert s["ranks"] == [active_rank(t, RANK, MIN_RANK, TLORA_ALPHA) for t in range(1000)]
-    page.screenshot(path=str(artifacts / "ui_live_graph_file.png"))
+    # the sliders are pre-filled with the values the file records
+    values = page.evaluate("""() => Object.fromEntries(window.app.graph._nodes.find(n => n.type === 'TLoRALoader')
+        .widgets.map(w => [w.name, w.value]))""")
+    assert (values["min_rank"], values["alpha"]) == (MIN_RANK, TLORA_ALPHA)
+    screenshot_loader(page, artifacts / "ui_loader_file_schedule.png")
     _set(page, "schedule_source", "sliders")
     _set(page, "min_rank", 3)
     _set(page, "alpha", 0.7)
@@ -118,7 +135,7 @@ def test_live_graph_follows_file_and_sliders(page, artifacts):
     _set(page, "max_rank", 6)
     s = _wait_schedule(page, (6, 3, 0.7))
     assert s["ranks"] == [active_rank(t, 6, 3, 0.7) for t in range(1000)]
-    page.screenshot(path=str(artifacts / "ui_live_graph_sliders.png"))
+    screenshot_loader(page, artifacts / "ui_loader_slider_schedule.png")
 
 
 def test_queue_from_the_ui_produces_an_image(page, server):
