@@ -127,9 +127,16 @@ def _read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            keys = list(f.keys())
+            if keys and not any(_split_key(k) for k in keys):
+                foreign = keys  # a checkpoint, VAE, ...: say so without reading gigabytes of tensors
+            else:
+                foreign = None
+                sd = {k: f.get_tensor(k) for k in keys}
     except Exception as e:
         raise TLoRAError(path, f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if foreign is not None:
+        raise TLoRAError(path, _guess_other(foreign))
     return sd, metadata
 
 
@@ -137,8 +144,12 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
-        raise TLoRAError(path, "refused: the pickle holds objects other than tensors, which could run "
-                               f"code when loaded; it was not unpickled ({str(e).splitlines()[0]})") from None
+        # name what torch refused, never pass on its hint to retry with weights_only=False
+        found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"Unsupported operand (\d+)", str(e))
+        what = "" if found is None else (f" (it calls {found.group(1)})" if "GLOBAL" in found.group(0)
+                                         else f" (unsupported pickle opcode {found.group(1)})")
+        raise TLoRAError(path, f"refused: the pickle holds objects other than tensors{what}, which could run "
+                               "code when loaded; it was not unpickled") from None
     except Exception as e:
         raise TLoRAError(path, f"not a readable PyTorch file (truncated or corrupt?): {e}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -161,13 +172,13 @@ def _guess_other(keys: list[str]) -> str:
     joined = " ".join(keys[:2000])
     if "model.diffusion_model." in joined or "double_blocks." in joined and "lora" not in joined:
         return "a model checkpoint, not a LoRA"
-    if re.search(r"\b(first_stage_model|encoder\.down|decoder\.up)", joined):
+    if re.search(r"\b(first_stage_model|encoder\.down|decoder\.up|taesd_(en|de)coder\.|vae_scale\b)", joined):
         return "a VAE, not a LoRA"
     if "string_to_param" in joined or "emb_params" in joined or re.search(r"\bclip_[lg]\b", joined):
         return "a textual-inversion embedding, not a LoRA"
     if "hada_w1" in joined or "lokr_w1" in joined or "oft_" in joined:
         return "a LyCORIS file of another algorithm (LoHa/LoKr/OFT), not a T-LoRA"
-    if "diffusion_model." in joined or "transformer_blocks." in joined:
+    if re.search(r"diffusion_model\.|transformer_blocks\.|\b(input_blocks|output_blocks|middle_block)\.\d", joined):
         return "a diffusion-model weight file, not a LoRA"
     return "no T-LoRA or LoRA tensors were recognised"
 
@@ -206,8 +217,10 @@ def _check_rank(path, name, down, up, extra=()):
 def _scalar(path, name, t, default):
     if t is None:
         return default
-    if t.numel() != 1 or not torch.isfinite(t).all():
+    if t.numel() != 1:
         raise TLoRAError(path, f"module '{name}': 'alpha' must be one finite number, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise TLoRAError(path, f"module '{name}': 'alpha' must be one finite number, got {t.item()}")
     return float(t.reshape(()).item())
 
 
