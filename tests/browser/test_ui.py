@@ -69,7 +69,11 @@ def test_pack_extension_loads_without_errors(page, server):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "example_workflows").glob("*.json")))
 def test_example_workflow_renders_and_converts_like_the_frontend(page, server, name, artifacts):
     wf = workflow.load(ROOT / "example_workflows" / name)
-    load_graph(page, wf)
+    # open it the way ComfyUI's template browser does: from the pack's template URL
+    served = page.evaluate("async (url) => await (await fetch(url)).json()",
+                           f"/api/workflow_templates/ComfyUI-TLoRA/{name}")
+    assert served == wf
+    load_graph(page, served)
     types = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
     assert sorted(types) == sorted(n["type"] for n in wf["nodes"])
     # our object_info-driven converter agrees with the real frontend's graphToPrompt

@@ -22,6 +22,7 @@ def test_pyproject_has_what_the_registry_needs():
     assert re.fullmatch(r"\d+\.\d+\.\d+", proj["version"])
     assert proj["description"] and proj["license"] and proj["urls"]["Repository"].startswith("https://")
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"].startswith("https://")
+    assert (ROOT / comfy["Icon"].split("/main/", 1)[1]).is_file()  # the icon the URL points at is in the repo
     assert comfy["requires-comfyui"].startswith(">=")
     assert (ROOT / "LICENSE").is_file() and (ROOT / "CHANGELOG.md").is_file()
     assert proj["version"] in (ROOT / "CHANGELOG.md").read_text()
