@@ -3,6 +3,7 @@
 Every format reduces to delta(r) = sum over the first r ranks of rank-one terms:
   ortho (LyCORIS tlora, official Ortho):
       scale * (lambda_i p_i q_i^T - lambda0_i p0_i q0_i^T)
+    = scale * ((lambda_i p_i)(q_i - q0_i)^T + (lambda_i p_i - lambda0_i p0_i) q0_i^T)  (stored this way)
   vanilla (official vanilla, standard LoRA layouts):
       scale * up_i down_i^T
 `prefix_factors` interleaves each rank's terms as rows of `down` (k*R, in) and `up_t` (k*R, out),
@@ -108,11 +109,13 @@ class ModuleAdapter:
             raise ValueError(f"{self.name}: SVD base not built yet")
         scale = self.scale * strength
         if self.kind == ORTHO:
-            lam, lam0 = self.lam.float(), self.base_lam.float()
-            down = torch.stack([lam[:, None] * self.down.float(),
-                                lam0[:, None] * self.base_down.float()], dim=1).flatten(0, 1)
-            up_t = torch.stack([scale * self.up.float().T,
-                                -scale * self.base_up.float().T], dim=1).flatten(0, 1)
+            # lam p q^T - lam0 p0 q0^T  ==  (lam p)(q - q0)^T + (lam p - lam0 p0) q0^T: the same two rows per
+            # rank, but in bf16/fp16 the large trained and base terms never cancel each other
+            q, q0 = self.down.float(), self.base_down.float()
+            lp = self.lam.float()[None, :] * self.up.float()
+            lp0 = self.base_lam.float()[None, :] * self.base_up.float()
+            down = torch.stack([q - q0, q0], dim=1).flatten(0, 1)
+            up_t = scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)
             k = 2
         else:
             down, up_t, k = self.down.float(), scale * self.up.float().T, 1
