@@ -111,9 +111,13 @@ class ModuleAdapter:
         if self.kind == ORTHO:
             # lam p q^T - lam0 p0 q0^T  ==  (lam p)(q - q0)^T + (lam p - lam0 p0) q0^T: the same two rows per
             # rank, but in bf16/fp16 the large trained and base terms never cancel each other
-            q, q0 = self.down.float(), self.base_down.float()
+            q, q0, p0 = self.down.float(), self.base_down.float(), self.base_up.float()
+            # a rebuilt SVD base may carry the opposite sign per rank (each term s u v^T is sign-free):
+            # align it with the trained factors so that q - q0 stays small
+            sgn = torch.where((q * q0).sum(1) < 0, -1.0, 1.0)
+            q0, p0 = q0 * sgn[:, None], p0 * sgn[None, :]
             lp = self.lam.float()[None, :] * self.up.float()
-            lp0 = self.base_lam.float()[None, :] * self.base_up.float()
+            lp0 = self.base_lam.float()[None, :] * p0
             down = torch.stack([q - q0, q0], dim=1).flatten(0, 1)
             up_t = scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)
             k = 2
