@@ -261,3 +261,24 @@ def test_two_tloras_on_one_model_each_follow_their_schedule(pack, tmp_path):
     for path, w in saved.items():
         comfy.utils.get_attr(model, path + ".weight").data.copy_(w)
     assert rel_err(out_ab, ref) < TOL
+
+
+def test_different_sigmas_in_one_batch_each_get_their_own_rank(pack, tmp_path):
+    """The API only promises a [B] sigma tensor: items at different noise levels get their own ranks."""
+    import comfy.model_patcher
+
+    from tlora_core import load_tlora
+
+    model, unet = tm.build_comfy_unet_small("sd15", seed=16)
+    path = tmp_path / "t.safetensors"
+    tm.write_lycoris_tlora(unet, path, R, LINEAR_ALPHA, seed=9, strength=0.5).restore()
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    clone, app = pack.nodes.apply.apply_tlora(patcher, load_tlora(path), 1.0, R, MIN_RANK, ALPHA)
+    x, conds, _ = unet_conds(model, "sd15", batch=2)
+    sigma = torch.cat([sigma_for(model, 999, flow=False), sigma_for(model, 250, flow=False)])
+    ranks = app.state.ranks_for(sigma, model.model_sampling)[1]
+    assert ranks[0] < ranks[1]
+    _, together = run_comfy(clone, x, sigma, **conds)
+    for i in range(2):
+        _, alone = run_comfy(clone, x[i:i + 1], sigma[i:i + 1], c_crossattn=conds["c_crossattn"][i:i + 1])
+        assert rel_err(together[i:i + 1], alone) < TOL
