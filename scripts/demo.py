@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "demo_out"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    models, out = Path(args.models), Path(args.out)
+    models, out = Path(args.models).absolute(), Path(args.out).absolute()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -77,6 +77,7 @@ class ComfyServer:
 
     @staticmethod
     def _link(src: Path, dst: Path) -> None:
+        src = Path(src).absolute()  # a relative target would dangle from inside the base directory
         if dst.is_symlink() or dst.exists():
             if dst.is_symlink() and os.readlink(dst) == str(src):
                 return
