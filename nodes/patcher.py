@@ -171,7 +171,7 @@ def _dispatch_forward(module: torch.nn.Module):
     def forward(*args, **kwargs):
         y = orig(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
-        for slot in list(slots.values()):
+        for slot in slots.values():  # slots change only at inject/eject, never during a forward
             y = slot(x, y)
         return y
 
