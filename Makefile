@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 TINY := .cache/tiny
 
-.PHONY: setup setup-browser models demo test test-unit test-comfy test-server test-browser lint clean
+.PHONY: setup setup-browser models demo test test-unit lint clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -17,8 +17,7 @@ demo: models
 	$(PY) scripts/demo.py --models $(TINY) --out demo_out
 
 test: setup-browser models
-	$(PY) -m ruff check .
-	$(PY) -m pytest tests
+	bash scripts/run_tests.sh
 
 test-unit: setup
 	$(PY) -m pytest tests/unit

@@ -1,5 +1,9 @@
 // Live schedule graph on the Load T-LoRA node: active rank vs. timestep, redrawn as the
 // min_rank / alpha / max_rank widgets change. The graph widget never enters the prompt.
+// The node never rewrites what a saved workflow holds: the sliders are pre-filled from the file only when the
+// user picks a file or switches schedule_source to "file", never when a workflow is opened. The server's own
+// error for the chosen file (wrong family, standard LoRA without the vanilla switch, unreadable) is shown on
+// the node.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { scheduleRanks } from "./tlora_schedule.js";
@@ -19,6 +23,14 @@ function onChange(w, fn) {
     const r = prev?.apply(this, args);
     fn();
     return r;
+  };
+}
+
+// A change of any input clears the error of the last run (it was about the old settings).
+function changed(node, fn) {
+  return () => {
+    node.tloraRunError = null;
+    fn();
   };
 }
 
@@ -51,35 +63,57 @@ function prefillFromFile(node) {
 function refresh(node) {
   const s = currentSchedule(node);
   let ranks = null;
-  let error = null;
-  if (s.maxRank == null) error = "select a T-LoRA file (or set max_rank)";
+  let error = node.tloraInfo?.error ?? node.tloraRunError ?? null;
+  if (s.maxRank == null) error = error ?? "select a T-LoRA file (or set max_rank)";
   else {
     try {
       ranks = scheduleRanks(s.maxRank, Math.min(s.minRank, s.maxRank), s.alpha);
-      if (s.minRank > s.maxRank) error = `min_rank ${s.minRank} > max_rank ${s.maxRank}`;
+      if (s.minRank > s.maxRank) error = error ?? `min_rank ${s.minRank} > max_rank ${s.maxRank}`;
     } catch (e) {
-      error = e.message;
+      error = error ?? e.message;
     }
   }
   node.tloraSchedule = { ...s, ranks, error };
   node.setDirtyCanvas(true, true);
 }
 
-async function fetchInfo(node) {
+// Ask the server about the chosen file. `prefill`: only when the user picked it, never on opening a workflow.
+// A newer request supersedes an older one still in flight (its answer would be for another file).
+async function fetchInfo(node, prefill = false) {
   const name = widget(node, "lora_name")?.value;
-  node.tloraInfo = null;
+  const ticket = (node.tloraTicket = (node.tloraTicket ?? 0) + 1);
+  const edits = node.tloraEdits ?? 0;
+  let info = null;
   if (name) {
     try {
       const vanilla = widget(node, "vanilla_tlora")?.value ? "true" : "false";
       const res = await api.fetchApi(`/tlora/info?lora_name=${encodeURIComponent(name)}&vanilla_tlora=${vanilla}`);
       const body = await res.json();
-      node.tloraInfo = res.ok ? body : { error: body.error };
-      prefillFromFile(node);
+      info = res.ok ? body : { error: body.error ?? `HTTP ${res.status}` };
     } catch (e) {
-      node.tloraInfo = { error: String(e) };
+      info = { error: String(e) };
     }
   }
+  if (ticket !== node.tloraTicket) return;
+  node.tloraInfo = info;
+  // a slider the user moved while the answer was on its way stays as the user set it
+  if (prefill && edits === (node.tloraEdits ?? 0)) prefillFromFile(node);
   refresh(node);
+}
+
+// Lines of at most `width` pixels.
+function wrap(ctx, text, width) {
+  const lines = [];
+  let line = "";
+  for (const word of String(text).split(/\s+/)) {
+    const next = line ? `${line} ${word}` : word;
+    if (line && ctx.measureText(next).width > width) {
+      lines.push(line);
+      line = word;
+    } else line = next;
+  }
+  if (line) lines.push(line);
+  return lines;
 }
 
 function drawGraph(ctx, node, width, y) {
@@ -92,7 +126,9 @@ function drawGraph(ctx, node, width, y) {
   ctx.font = "10px sans-serif";
   ctx.fillStyle = "#aaa";
   if (!s || !s.ranks) {
-    ctx.fillText(s?.error ?? "…", x0 + 6, y0 + 16);
+    ctx.fillStyle = s?.error && node.tloraInfo?.error ? "#f87171" : "#aaa";
+    const lines = wrap(ctx, s?.error ?? "…", x1 - x0 - 12).slice(0, 7);
+    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 14 + 13 * i));
     ctx.restore();
     return;
   }
@@ -115,13 +151,26 @@ function drawGraph(ctx, node, width, y) {
   ctx.fillText("t=0  clean", x1 - 52, y1 + 11);
   if (s.error) {
     ctx.fillStyle = "#f87171";
-    ctx.fillText(s.error, x0 + 6, y0 + 26);
+    const lines = wrap(ctx, s.error, x1 - x0 - 12).slice(0, 5);
+    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 26 + 13 * i));
   }
   ctx.restore();
 }
 
+// An error the server raised while running a Load T-LoRA node (another model family, a bad schedule, ...) is
+// shown on that node until its file or settings change.
+function showRunError({ detail }) {
+  const node = app.graph?.getNodeById?.(detail?.node_id);
+  if (node?.comfyClass !== NODE) return;
+  node.tloraRunError = detail.exception_message;
+  refresh(node);
+}
+
 app.registerExtension({
   name: "comfyui-tlora.loader",
+  setup() {
+    api.addEventListener("execution_error", showRunError);
+  },
   async nodeCreated(node) {
     if (node.comfyClass !== NODE) return;
     node.addCustomWidget({
@@ -137,12 +186,26 @@ app.registerExtension({
         return [width, GRAPH_HEIGHT];
       },
     });
-    for (const name of ["min_rank", "alpha", "max_rank"]) onChange(widget(node, name), () => refresh(node));
-    onChange(widget(node, "schedule_source"), () => {
+    for (const name of ["min_rank", "alpha", "max_rank", "strength_model", "timestep_mode"]) {
+      onChange(widget(node, name), changed(node, () => {
+        node.tloraEdits = (node.tloraEdits ?? 0) + 1;
+        refresh(node);
+      }));
+    }
+    onChange(widget(node, "schedule_source"), changed(node, () => {
       prefillFromFile(node);
       refresh(node);
-    });
-    for (const name of ["lora_name", "vanilla_tlora"]) onChange(widget(node, name), () => fetchInfo(node));
+    }));
+    for (const name of ["lora_name", "vanilla_tlora"]) {
+      onChange(widget(node, name), changed(node, () => fetchInfo(node, true)));
+    }
+    // opening a saved workflow restores the widgets after creation: show that file, change nothing
+    const configured = node.onConfigure;
+    node.onConfigure = function (...args) {
+      const r = configured?.apply(this, args);
+      fetchInfo(node);
+      return r;
+    };
     const size = node.computeSize();
     node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
     fetchInfo(node);

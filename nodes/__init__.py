@@ -5,8 +5,9 @@ from comfy_api.latest import ComfyExtension, io
 from .loader import TLoRALoader
 from .preview import TLoRASchedulePreview
 from .routes import register
+from .save import TLoRASaveWithBase
 
-NODES: list[type[io.ComfyNode]] = [TLoRALoader, TLoRASchedulePreview]
+NODES: list[type[io.ComfyNode]] = [TLoRALoader, TLoRASchedulePreview, TLoRASaveWithBase]
 
 
 register()

@@ -10,14 +10,13 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from tlora_core import TLoRAError
-
-from .apply import apply_tlora, read_file
+from ..tlora_core import TLoRAError
+from . import timesteps
+from .apply import Settings, apply_tlora, file_key, read_file
 
 log = logging.getLogger("tlora.loader")
 
 SCHEDULE_SOURCES = ["file", "sliders", "all_ranks"]
-TIMESTEP_MODES = ["auto", "discrete", "flow"]
 
 
 def lora_path(lora_name: str) -> str:
@@ -63,8 +62,12 @@ def apply_text_encoder(clip, tl, strength: float):
         key = key_map.get(name) or key_map.get(name.replace("lycoris_te", "lora_te"))
         if not isinstance(key, str):
             continue
-        base = comfy.utils.get_attr(clip.cond_stage_model, key) if adapter.needs_svd_base else None
-        delta = adapter.delta_weight(adapter.rank, base)
+        if adapter.needs_svd_base:
+            from ..tlora_core.svd import top_singular
+
+            base = comfy.utils.get_attr(clip.cond_stage_model, key).float()
+            adapter = adapter.with_base(*top_singular(base.reshape(base.shape[0], -1), adapter.rank))
+        delta = adapter.delta_weight(adapter.rank)
         patches[key] = ("diff", (delta,))
     out = clip.clone()
     out.add_patches(patches, strength)
@@ -108,9 +111,10 @@ class TLoRALoader(io.ComfyNode):
                                tooltip="Schedule exponent (tlora_alpha): 1 = linear, > 1 keeps ranks off longer."),
                 io.Int.Input("max_rank", default=0, min=0, max=1024, step=1,
                              tooltip="Rank the schedule ramps up to; 0 = the file's rank (linear_dim)."),
-                io.Combo.Input("timestep_mode", options=TIMESTEP_MODES, default="auto",
+                io.Combo.Input("timestep_mode", options=list(timesteps.MODES), default=timesteps.AUTO,
                                tooltip="How sigma becomes the trainer's timestep. auto: flow models (SD3, Flux, "
-                                       "Flux 2, ...) use int(sigma*1000), others the model's discrete timestep."),
+                                       "Flux 2, Wan, ...) use int(sigma*1000), discrete models their own timestep, "
+                                       "EDM models the SD/SDXL timestep of the same noise level."),
                 io.Boolean.Input("vanilla_tlora", default=False,
                                  tooltip="Accept a standard LoRA layout (kohya lora_down/lora_up, PEFT lora_A/B) "
                                          "as a vanilla T-LoRA. Needed only when the file's metadata does not "
@@ -123,10 +127,10 @@ class TLoRALoader(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, lora_name, **kwargs):
+    def fingerprint_inputs(cls, lora_name, vanilla_tlora=False, **kwargs):
+        """The file and its sidecars as they are on disk now: an edited file or lycoris_config.json runs again."""
         try:
-            st = os.stat(folder_paths.get_full_path("loras", lora_name) or "")
-            return (lora_name, st.st_size, st.st_mtime_ns)
+            return (lora_name, file_key(folder_paths.get_full_path("loras", lora_name) or "", bool(vanilla_tlora)))
         except OSError:
             return lora_name
 
@@ -145,6 +149,6 @@ class TLoRALoader(io.ComfyNode):
                 pbar = comfy.utils.ProgressBar(total)
             pbar.update_absolute(done, total)
 
-        out_model, _ = apply_tlora(model, tl, strength_model, r, mr, al, timestep_mode, progress)
+        out_model, _ = apply_tlora(model, tl, Settings(strength_model, r, mr, al, timestep_mode), progress)
         out_clip = apply_text_encoder(clip, tl, strength_clip)
         return io.NodeOutput(out_model, out_clip)

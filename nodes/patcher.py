@@ -15,34 +15,20 @@ import os
 import threading
 import uuid
 
-import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from tlora_core import schedule
-from tlora_core.adapter import ModuleAdapter
+from ..tlora_core import schedule
+from ..tlora_core.adapter import Factors, ModuleAdapter
+from . import timesteps
 
 log = logging.getLogger("tlora.patcher")
 
 WRAPPER_PREFIX = "tlora"
 TRACE_ENV = "TLORA_TRACE"  # path of a JSON-lines file: one line per model call (diagnostics, tests)
 _trace_lock = threading.Lock()
-
-
-def is_flow_model(model_sampling) -> bool:
-    """Rectified-flow models (SD3, Flux, Flux 2, Wan, ...) predict a constant velocity."""
-    return isinstance(model_sampling, (comfy.model_sampling.CONST, comfy.model_sampling.ModelSamplingDiscreteFlow,
-                                       comfy.model_sampling.ModelSamplingFlux))
-
-
-def resolve_mode(mode: str, model_sampling) -> str:
-    if mode == "auto":
-        return schedule.FLOW if is_flow_model(model_sampling) else schedule.DISCRETE
-    if mode not in schedule.TIMESTEP_MODES:
-        raise ValueError(f"timestep_mode must be auto, discrete or flow, got {mode!r}")
-    return mode
 
 
 def require_api(patcher) -> None:
@@ -66,19 +52,18 @@ class RankState:
         self.integer_t = integer_t
         self.rank: int | None = None  # None outside a model call: all ranks (what LyCORIS does unmasked)
         self.sample_ranks: list[int] | None = None  # per batch item when sigmas differ within a call
-        self._memo: dict[tuple[float, ...], tuple[list[int], list[int]]] = {}
+        self._rules: dict[int, timesteps.Rule] = {}
+        self._memo: dict[tuple[float, ...], tuple[list[float], list[int]]] = {}
         self.trace_path = os.environ.get(TRACE_ENV) or None
 
     def timesteps(self, sigma: torch.Tensor, model_sampling) -> list[float]:
-        mode = resolve_mode(self.mode, model_sampling)
-        sig = sigma.detach().float().reshape(-1)
-        if mode == schedule.DISCRETE:
-            disc = model_sampling.timestep(sigma.detach()).float().reshape(-1).tolist()
-            return [schedule.timestep_from_sigma(s, mode, d) for s, d in zip(sig.tolist(), disc, strict=False)]
-        return [schedule.timestep_from_sigma(s, mode, integer=self.integer_t) for s in sig.tolist()]
+        rule = self._rules.get(id(model_sampling))
+        if rule is None:
+            rule = self._rules[id(model_sampling)] = timesteps.rule(self.mode, model_sampling, self.integer_t)
+        return rule(sigma)
 
     def ranks_for(self, sigma: torch.Tensor, model_sampling) -> tuple[list[float], list[int]]:
-        key = tuple(sigma.detach().float().reshape(-1).tolist())
+        key = (id(model_sampling), *sigma.detach().float().reshape(-1).tolist())
         hit = self._memo.get(key)
         if hit is None:
             ts = self.timesteps(sigma, model_sampling)
@@ -88,67 +73,77 @@ class RankState:
             self._memo[key] = hit
         return hit
 
-    def write_trace(self, sigma: torch.Tensor, ts: list[int], ranks: list[int]) -> None:
+    def write_trace(self, sigma: torch.Tensor, ts: list[float], ranks: list[int]) -> None:
         line = json.dumps({"lora": self.name, "sigma": sigma.detach().float().reshape(-1).tolist(),
                            "t": ts, "rank": ranks, "max_rank": self.max_rank, "min_rank": self.min_rank,
                            "alpha": self.alpha})
+        assert self.trace_path is not None
         with _trace_lock, open(self.trace_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
 
-class LayerSlot:
-    """Adds the active ranks of one adapter to one layer's output (optionally a slice of it)."""
+class FactorCache:
+    """An adapter's prefix factors per (dtype, device), built on first use, shared by every slot that runs it."""
 
-    def __init__(self, adapter: ModuleAdapter, state: RankState, strength: float,
-                 out_slice: tuple[int, int] | None, conv: dict | None):
-        self.adapter, self.state, self.strength = adapter, state, strength
-        self.out_slice = out_slice  # (start, size) in the output features of a fused layer
-        self.conv = conv  # stride/padding/dilation of a 1x1 conv layer, None for linear
-        self.rank = adapter.rank
-        self._factors: dict = {}
+    def __init__(self, adapter: ModuleAdapter):
+        self.adapter = adapter
+        self._by: dict[tuple[torch.dtype, torch.device], Factors] = {}
 
-    def factors(self, dtype, device):
-        key = (dtype, device)
-        f = self._factors.get(key)
+    def get(self, dtype: torch.dtype, device: torch.device) -> Factors:
+        f = self._by.get((dtype, device))
         if f is None:
-            f = self._factors[key] = self.adapter.prefix_factors(dtype, device, self.strength)
+            f = self._by[(dtype, device)] = self.adapter.prefix_factors(dtype, device)
         return f
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for down, up_t, _ in self._by.values() for t in (down, up_t))
+
     def release(self) -> None:
-        self._factors.clear()
+        self._by.clear()
+
+
+class LayerSlot:
+    """Adds the active ranks of one adapter, times `strength`, to one layer's output (optionally a slice of it)."""
+
+    def __init__(self, factors: FactorCache, state: RankState, strength: float,
+                 out_slice: tuple[int, int] | None, conv: dict | None):
+        self.factors, self.state, self.strength = factors, state, strength
+        self.out_slice = out_slice  # (start, size) in the output features of a fused layer
+        self.conv = conv  # stride/padding/dilation of a 1x1 conv layer, None for linear
+        self.rank = factors.adapter.rank
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         st = self.state
         r = self.rank if st.rank is None else min(st.rank, self.rank)
-        if r <= 0:
+        if r <= 0 or self.strength == 0:
             return y
-        down, up_t, k = self.factors(x.dtype, x.device)
+        down, up_t, k = self.factors.get(x.dtype, x.device)
         n = k * r
-        if self.conv is None:
-            h = F.linear(x, down[:n])
+        if self.conv is not None:
+            h = F.conv2d(x, down[:n, :, None, None], None, **self.conv)
             if st.sample_ranks is not None:
-                h = h * self._sample_mask(h, n, k, -1)
-            out = y.shape[-1]
-            if not y.is_contiguous() or y.dtype != h.dtype:
-                d = (h @ up_t[:n]).to(y.dtype)
-                if self.out_slice is None:
-                    return y + d
-                y = y.clone()
-                y.narrow(-1, *self.out_slice).add_(d)
-                return y
-            # y is the layer's own fresh output: accumulate into it with one fused GEMM (no temporaries)
-            y2 = y.view(-1, out)
-            if self.out_slice is not None:
-                y2 = y2.narrow(1, *self.out_slice)
-            y2.addmm_(h.reshape(-1, n), up_t[:n])
-            return y
-        h = F.conv2d(x, down[:n, :, None, None], None, **self.conv)
+                h = h * self._sample_mask(h, n, k, 1)
+            return y + self.strength * F.conv2d(h, up_t[:n].T[:, :, None, None])
+        h = F.linear(x, down[:n])
         if st.sample_ranks is not None:
-            h = h * self._sample_mask(h, n, k, 1)
-        return y + F.conv2d(h, up_t[:n].T[:, :, None, None])
+            h = h * self._sample_mask(h, n, k, -1)
+        if not y.is_contiguous() or y.dtype != h.dtype:
+            d = ((h @ up_t[:n]) * self.strength).to(y.dtype)
+            if self.out_slice is None:
+                return y + d
+            y = y.clone()
+            y.narrow(-1, *self.out_slice).add_(d)
+            return y
+        # y is the layer's own fresh output: accumulate into it with one fused GEMM (no temporaries)
+        y2 = y.view(-1, y.shape[-1])
+        if self.out_slice is not None:
+            y2 = y2.narrow(1, *self.out_slice)
+        y2.addmm_(h.reshape(-1, n), up_t[:n], alpha=self.strength)
+        return y
 
     def _sample_mask(self, h: torch.Tensor, n: int, k: int, dim: int) -> torch.Tensor:
         ranks = self.state.sample_ranks
+        assert ranks is not None
         b = h.shape[0]
         if b % len(ranks):
             raise RuntimeError(f"T-LoRA: batch of {b} does not divide into {len(ranks)} sigmas")
@@ -159,7 +154,7 @@ class LayerSlot:
         return mask.reshape(shape)
 
 
-def _dispatch_forward(module: torch.nn.Module):
+def _dispatch_forward(module: torch.nn.Module) -> dict[str, LayerSlot]:
     """Replace module.forward once with one that runs the original and then every slot."""
     slots = module.__dict__.get("_tlora_slots")
     if slots is not None:
@@ -176,19 +171,22 @@ def _dispatch_forward(module: torch.nn.Module):
         return y
 
     module._tlora_slots = slots
+    module._tlora_forward = forward
     module._tlora_restore = orig if had_own else None
     module.forward = forward
     return slots
 
 
 def _undispatch(module: torch.nn.Module) -> None:
-    slots = module.__dict__.get("_tlora_slots")
-    if slots is None or slots:
+    """Put the layer's forward back once it has no slots, unless another pack has wrapped it since: then our
+    (empty) dispatcher stays in its chain as a pass-through rather than dropping the other pack's wrapper."""
+    d = module.__dict__
+    if d.get("_tlora_slots") is None or d["_tlora_slots"] or d.get("forward") is not d.get("_tlora_forward"):
         return
-    restore = module.__dict__.pop("_tlora_restore", None)
-    del module.__dict__["_tlora_slots"]
+    restore = d.pop("_tlora_restore", None)
+    del d["_tlora_slots"], d["_tlora_forward"]
     if restore is None:
-        module.__dict__.pop("forward", None)
+        d.pop("forward", None)
     else:
         module.forward = restore
 
@@ -214,7 +212,7 @@ class TLoRAApplication:
             if slots is not None:
                 slots.pop(f"{self.key}#{i}", None)
                 _undispatch(module)
-            slot.release()
+            slot.factors.release()
 
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
         st = self.state

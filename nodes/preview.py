@@ -10,11 +10,11 @@ import types
 import comfy.samplers
 import numpy as np
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-from tlora_core import schedule
-
-from .patcher import RankState, resolve_mode
+from ..tlora_core import schedule
+from . import timesteps
+from .patcher import RankState
 
 log = logging.getLogger("tlora.preview")
 
@@ -93,8 +93,10 @@ class TLoRASchedulePreview(io.ComfyNode):
             node_id="TLoRASchedulePreview",
             display_name="T-LoRA Schedule Preview",
             category="loaders/T-LoRA",
-            description=("Plots active rank against timestep for a T-LoRA schedule. Given a model, also shows the "
-                         "rank each call of the chosen sampler, scheduler, steps and denoise will use."),
+            description=("Plots active rank against timestep for a T-LoRA schedule, on the node itself. Given a "
+                         "model, also shows the rank each call of the chosen sampler, scheduler, steps and denoise "
+                         "will use."),
+            is_output_node=True,
             inputs=[
                 io.Int.Input("max_rank", default=64, min=1, max=1024, tooltip="The T-LoRA's rank (linear_dim)."),
                 io.Int.Input("min_rank", default=1, min=1, max=1024, tooltip="Ranks active at the noisiest step."),
@@ -109,7 +111,7 @@ class TLoRASchedulePreview(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps (used with a model)."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="Denoise strength; < 1 starts part-way (img2img)."),
-                io.Combo.Input("timestep_mode", options=["auto", "discrete", "flow"], default="auto",
+                io.Combo.Input("timestep_mode", options=list(timesteps.MODES), default=timesteps.AUTO,
                                tooltip="How sigma becomes the trainer's timestep; auto picks by model type."),
             ],
             outputs=[
@@ -137,6 +139,7 @@ class TLoRASchedulePreview(io.ComfyNode):
                 ts, rs = state.ranks_for(torch.tensor([s]), ms)
                 rows.append({"sigma": s, "t": ts[0], "rank": rs[0]})
             table.update(sampler=sampler_name, scheduler=scheduler, steps=steps, denoise=denoise,
-                         timestep_mode=resolve_mode(timestep_mode, ms), simulated=simulated, calls=rows)
+                         timestep_mode=timesteps.resolve(timestep_mode, ms)[0], simulated=simulated, calls=rows)
             calls = [(r["t"], r["rank"]) for r in rows]
-        return io.NodeOutput(plot(max_rank, min_rank, alpha, calls), json.dumps(table))
+        image = plot(max_rank, min_rank, alpha, calls)
+        return io.NodeOutput(image, json.dumps(table), ui=ui.PreviewImage(image, cls=cls))

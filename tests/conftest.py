@@ -14,7 +14,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TINY_DIR = Path(os.environ.get("TLORA_TINY_DIR", ROOT / ".cache" / "tiny"))
-ARTIFACTS = ROOT / "test_artifacts"
+
+def _host_tag() -> str:
+    from tools.harness.server import comfy_path, host_version
+
+    try:
+        return f"comfyui-{host_version(comfy_path())}"
+    except (OSError, RuntimeError):
+        return "no-comfyui"
+
+
+ARTIFACTS = ROOT / "test_artifacts" / _host_tag()
 
 # The schedule the server-tier T-LoRA files record in their SimpleTuner-style sidecar.
 RANK, LINEAR_ALPHA, MIN_RANK, TLORA_ALPHA = 8, 4, 2, 1.5
@@ -22,7 +32,7 @@ RANK, LINEAR_ALPHA, MIN_RANK, TLORA_ALPHA = 8, 4, 2, 1.5
 
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
 
 
@@ -68,6 +78,12 @@ def loras(tiny, tmp_path_factory) -> Path:
         flux = FluxTransformer2DModel.from_config(config)
     (folder / "tlora_flux").mkdir()
     tiny_models.write_official_flux_pt(flux, folder / "tlora_flux" / "lora.pt", RANK, seed=3, strength=0.5)
+    # files the loader must refuse with the server's own message: a VAE, a stock kohya LoRA (no T-LoRA marker)
+    (folder / "not_a_lora.safetensors").symlink_to(Path(tiny["vae"]["vae_4ch"]).absolute())
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8), "lora_unet_x.lora_up.weight": torch.zeros(8, 4),
+               "lora_unet_x.alpha": torch.tensor(4.0)}, str(folder / "standard_lora.safetensors"))
     return folder
 
 
@@ -88,5 +104,5 @@ def server(tiny, loras, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-        (ARTIFACTS).mkdir(exist_ok=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "server.log").write_text(srv.log_text())

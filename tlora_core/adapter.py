@@ -9,10 +9,14 @@ Every format reduces to delta(r) = sum over the first r ranks of rank-one terms:
 `prefix_factors` interleaves each rank's terms as rows of `down` (k*R, in) and `up_t` (k*R, out),
 k = 2 for ortho and 1 for vanilla, so the first r ranks are the views down[:k*r] and up_t[:k*r]:
     delta(r) = up_t[:k*r].T @ down[:k*r]   and   y += (x @ down[:k*r].T) @ up_t[:k*r]
+
+Adapters are immutable: `with_base` / `with_rows` return new ones, so an adapter held in a cache is never
+changed by a caller.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,8 +24,10 @@ import torch
 ORTHO = "ortho"
 VANILLA = "vanilla"
 
+Factors = tuple[torch.Tensor, torch.Tensor, int]
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModuleAdapter:
     name: str  # the module's name as the file spells it (without the tensor suffix)
     kind: str  # ORTHO or VANILLA
@@ -32,20 +38,20 @@ class ModuleAdapter:
     base_up: torch.Tensor | None = None  # (out, R) p0
     base_down: torch.Tensor | None = None  # (R, in) q0
     base_lam: torch.Tensor | None = None  # (R,) lambda0
-    needs_svd_base: bool = False  # LyCORIS: base = top-R SVD of the model's weight, rebuilt at load
+    svd_base: bool = False  # LyCORIS: the base is the top-R SVD of the model's weight (stored or rebuilt at load)
     conv: bool = False  # 1x1 convolution (weight (out, in, 1, 1))
 
     @property
     def rank(self) -> int:
-        return self.down.shape[0]
+        return int(self.down.shape[0])
 
     @property
     def in_features(self) -> int:
-        return self.down.shape[1]
+        return int(self.down.shape[1])
 
     @property
     def out_features(self) -> int:
-        return self.up.shape[0]
+        return int(self.up.shape[0])
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -56,20 +62,25 @@ class ModuleAdapter:
     def has_base(self) -> bool:
         return self.kind == VANILLA or self.base_down is not None
 
-    def set_svd_base(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
-        """Install the base triplets (u (out, R), s (R,), v (in, R)) rebuilt from the model's weight."""
-        if u.shape != self.up.shape or v.shape != (self.in_features, self.rank):
+    @property
+    def needs_svd_base(self) -> bool:
+        """A LyCORIS module whose base must be rebuilt from the model's weight."""
+        return self.svd_base and self.base_down is None
+
+    def with_base(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> ModuleAdapter:
+        """A copy with the base triplets (u (out, R), s (R,), v (in, R)) of the SVD of the model's weight."""
+        if tuple(u.shape) != tuple(self.up.shape) or tuple(v.shape) != (self.in_features, self.rank):
             raise ValueError(f"{self.name}: SVD base of shape {tuple(u.shape)}/{tuple(v.shape)} "
                              f"does not fit factors {tuple(self.up.shape)}/{tuple(self.down.shape)}")
-        self.base_up, self.base_lam, self.base_down = u.float(), s.float(), v.T.float()
+        return replace(self, base_up=u.float(), base_lam=s.float().reshape(-1), base_down=v.T.float())
 
-    def with_svd_base(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> ModuleAdapter:
-        """A copy of this adapter with its SVD base installed; the original stays untouched."""
-        out = replace(self)
-        out.set_svd_base(u, s, v)
-        return out
+    def base_triplets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, s, v) of the installed base, as `with_base` takes them."""
+        if self.base_up is None or self.base_lam is None or self.base_down is None:
+            raise ValueError(f"{self.name}: no base installed")
+        return self.base_up, self.base_lam, self.base_down.T
 
-    def fit_error(self, weight_shape) -> str | None:
+    def fit_error(self, weight_shape: tuple[int, ...] | torch.Size) -> str | None:
         """Why this module cannot patch a layer whose weight has `weight_shape`; None when it can.
 
         LyCORIS `tlora` writes 1x1 factors for a k x k convolution too (and cannot run them itself), so
@@ -83,55 +94,42 @@ class ModuleAdapter:
             return f"layer weight of shape {shape} does not fit factors for {self.weight_shape}"
         return None
 
-    def with_rows(self, fn) -> ModuleAdapter:
+    def with_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModuleAdapter:
         """A copy whose output rows are transformed by `fn` (a row permutation of an (out, ...) tensor)."""
-        out = replace(self, up=fn(self.up))
-        if self.base_up is not None:
-            out.base_up = fn(self.base_up)
-        return out
+        return replace(self, up=fn(self.up), base_up=None if self.base_up is None else fn(self.base_up))
 
-    def _require_base(self, base_weight: torch.Tensor | None) -> None:
-        if self.has_base:
-            return
-        if base_weight is None:
-            raise ValueError(f"{self.name}: this LyCORIS T-LoRA module needs the base weight "
-                             "to rebuild its SVD base")
-        why = self.fit_error(base_weight.shape)
-        if why is not None:
-            raise ValueError(f"{self.name}: {why}")
-        from .svd import top_singular
-
-        self.set_svd_base(*top_singular(base_weight, self.rank))
-
-    def prefix_factors(self, dtype: torch.dtype | None = None, device=None, strength: float = 1.0):
+    def prefix_factors(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                       strength: float = 1.0) -> Factors:
         """(down (k*R, in), up_t (k*R, out), k) with scale and strength folded into up_t."""
-        if not self.has_base:
-            raise ValueError(f"{self.name}: SVD base not built yet")
         scale = self.scale * strength
         if self.kind == ORTHO:
-            # lam p q^T - lam0 p0 q0^T  ==  (lam p)(q - q0)^T + (lam p - lam0 p0) q0^T: the same two rows per
-            # rank, but in bf16/fp16 the large trained and base terms never cancel each other
-            q, q0, p0 = self.down.float(), self.base_down.float(), self.base_up.float()
-            # a rebuilt SVD base may carry the opposite sign per rank (each term s u v^T is sign-free):
-            # align it with the trained factors so that q - q0 stays small
-            sgn = torch.where((q * q0).sum(1) < 0, -1.0, 1.0)
-            q0, p0 = q0 * sgn[:, None], p0 * sgn[None, :]
-            lp = self.lam.float()[None, :] * self.up.float()
-            lp0 = self.base_lam.float()[None, :] * p0
-            down = torch.stack([q - q0, q0], dim=1).flatten(0, 1)
-            up_t = scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)
+            down, up_t = self._ortho_rows(scale)
             k = 2
         else:
             down, up_t, k = self.down.float(), scale * self.up.float().T, 1
-        down = down.to(device=device, dtype=dtype or torch.float32).contiguous()
-        up_t = up_t.to(device=device, dtype=dtype or torch.float32).contiguous()
-        return down, up_t, k
+        dtype = dtype or torch.float32
+        return (down.to(device=device, dtype=dtype).contiguous(), up_t.to(device=device, dtype=dtype).contiguous(), k)
 
-    def delta_weight(self, rank: int, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def _ortho_rows(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.base_down is None or self.base_up is None or self.base_lam is None or self.lam is None:
+            raise ValueError(f"{self.name}: SVD base not built yet")
+        # lam p q^T - lam0 p0 q0^T  ==  (lam p)(q - q0)^T + (lam p - lam0 p0) q0^T: the same two rows per
+        # rank, but in bf16/fp16 the large trained and base terms never cancel each other
+        q, q0, p0 = self.down.float(), self.base_down.float(), self.base_up.float()
+        # a rebuilt SVD base may carry the opposite sign per rank (each term s u v^T is sign-free):
+        # align it with the trained factors so that q - q0 stays small
+        sgn = torch.where((q * q0).sum(1) < 0, -1.0, 1.0)
+        q0, p0 = q0 * sgn[:, None], p0 * sgn[None, :]
+        lp = self.lam.float()[None, :] * self.up.float()
+        lp0 = self.base_lam.float()[None, :] * p0
+        down = torch.stack([q - q0, q0], dim=1).flatten(0, 1)
+        up_t = scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)
+        return down, up_t
+
+    def delta_weight(self, rank: int) -> torch.Tensor:
         """Weight change with the first `rank` ranks active, float32, shaped like the layer's weight."""
         if not 0 <= rank <= self.rank:
             raise ValueError(f"{self.name}: rank must be in [0, {self.rank}], got {rank}")
-        self._require_base(base_weight)
         down, up_t, k = self.prefix_factors()
         delta = up_t[: k * rank].T @ down[: k * rank]
         return delta.reshape(self.weight_shape)

@@ -71,7 +71,7 @@ def _shares(factors: torch.Tensor, basis: torch.Tensor) -> list[float]:
     f, b = f[keep] / fn[keep, None], b[keep] / bn[keep, None]
     c2 = (f @ b.T) ** 2
     share = c2.diagonal() / c2.sum(dim=1).clamp_min(_EPS)
-    return share.tolist()
+    return [float(x) for x in share.tolist()]
 
 
 def layer_alignment(adapter: ModuleAdapter, u: torch.Tensor, v: torch.Tensor) -> float | None:
@@ -98,6 +98,35 @@ def alignment(adapters: Mapping[str, ModuleAdapter],
             per_layer[name] = fig
     figure = statistics.median(per_layer.values()) if per_layer else 1.0
     return Alignment(float(figure), len(per_layer), per_layer)
+
+
+# A self-contained file stores the base it was trained against. On the loaded checkpoint, the relative residual
+# |W v_i - s_i u_i| of those triplets is the storage's rounding (bf16 ~0.003, fp8 ~0.03, measured on the tiny test
+# models) for the right checkpoint and ~1 or more for another one.
+FIT_RELATED_ABOVE = 0.15
+FIT_DIFFERENT_ABOVE = 0.5
+
+
+def base_fit(adapter: ModuleAdapter, weight: torch.Tensor) -> float:
+    """How far the stored base triplets of `adapter` are from being singular triplets of `weight`:
+    |W V - U diag(s)|_F / |U diag(s)|_F (0 = exactly this weight's, ~1 = unrelated)."""
+    u, s, v = (t.double() for t in adapter.base_triplets())
+    w = weight.detach().reshape(weight.shape[0], -1).double().to(u.device)
+    us = u * s[None, :]
+    return float((w @ v - us).norm() / us.norm().clamp_min(_EPS))
+
+
+def fit_message(file_name: str, figure: float, layers: int) -> str | None:
+    """The one warning line when a self-contained file's stored base does not fit the loaded checkpoint."""
+    if figure > FIT_DIFFERENT_ABOVE:
+        return (f"T-LoRA {file_name}: the SVD base stored in this self-contained file is not this checkpoint's "
+                f"(residual {figure:.2f} > {FIT_DIFFERENT_ABOVE} over {layers} layers): it was made for a different "
+                "base checkpoint, so the result here is not what it was trained to do")
+    if figure > FIT_RELATED_ABOVE:
+        return (f"T-LoRA {file_name}: the SVD base stored in this self-contained file fits this checkpoint only "
+                f"roughly (residual {figure:.2f} > {FIT_RELATED_ABOVE} over {layers} layers; a fine-tune or merge "
+                "of the one it was made for?)")
+    return None
 
 
 def mismatch_message(file_name: str, al: Alignment) -> str | None:

@@ -8,9 +8,8 @@ js/tlora_schedule.js ports `active_rank`; tests run both on one table of values.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-
-import torch
+import numbers
+from collections.abc import Sequence
 
 MAX_TIMESTEP = 1000
 
@@ -26,7 +25,7 @@ def validate(max_rank: int, min_rank: int = 1, alpha: float = 1.0) -> None:
         raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
     if isinstance(min_rank, bool) or int(min_rank) != min_rank or not 1 <= min_rank <= max_rank:
         raise ValueError(f"min_rank must be an integer in [1, max_rank={max_rank}], got {min_rank!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
 
 
@@ -43,15 +42,6 @@ def active_rank(
         raise ValueError(f"timestep must be in [0, {max_timestep}], got {t!r}")
     r = int(((max_timestep - t) / max_timestep) ** alpha * (max_rank - min_rank)) + min_rank
     return min(r, max_rank)
-
-
-def rank_mask(t: float, max_rank: int, min_rank: int = 1, alpha: float = 1.0,
-              max_timestep: int = MAX_TIMESTEP) -> torch.Tensor:
-    """The (1, max_rank) 0/1 mask LyCORIS' `set_timestep_mask` expects."""
-    r = active_rank(t, max_rank, min_rank, alpha, max_timestep)  # validates before allocating
-    mask = torch.zeros(1, int(max_rank))
-    mask[:, :r] = 1.0
-    return mask
 
 
 def timestep_from_sigma(sigma: float, mode: str, discrete_timestep: float | None = None,
@@ -75,23 +65,6 @@ def timestep_from_sigma(sigma: float, mode: str, discrete_timestep: float | None
         raise ValueError(f"sigma {sigma!r} gives no finite timestep")
     t = min(max(t, 0.0), float(MAX_TIMESTEP))
     return int(t) if integer else t
-
-
-def ranks_for_timesteps(timesteps: Iterable[float], max_rank: int, min_rank: int = 1,
-                        alpha: float = 1.0) -> list[int]:
-    return [active_rank(t, max_rank, min_rank, alpha) for t in timesteps]
-
-
-def ranks_for_sigmas(sigmas: Iterable[float], max_rank: int, min_rank: int = 1, alpha: float = 1.0,
-                     mode: str = FLOW, discrete_timesteps: Iterable[float] | None = None,
-                     integer: bool = True) -> list[int]:
-    """Active rank for each sampler sigma (discrete mode needs the model's timestep of each sigma)."""
-    sigmas = list(sigmas)
-    disc = [None] * len(sigmas) if discrete_timesteps is None else list(discrete_timesteps)
-    if len(disc) != len(sigmas):
-        raise ValueError("discrete_timesteps must have one entry per sigma")
-    return [active_rank(timestep_from_sigma(s, mode, d, integer), max_rank, min_rank, alpha)
-            for s, d in zip(sigmas, disc, strict=True)]
 
 
 def schedule_table(max_rank: int, min_rank: int = 1, alpha: float = 1.0,

@@ -1,9 +1,12 @@
-"""Exact top-r singular triplets of a base weight, with a persistent per-layer cache.
+"""Exact top-r singular triplets of base weights, one layer at a time, with a persistent per-layer cache.
 
-LyCORIS `tlora` files do not store the SVD base they were trained against (P0, Q0, lambda0 =
-top-r singular triplets of the base weight). We rebuild it exactly: eigen-decomposition of the
-smaller Gram matrix in float64 (much faster than a full SVD, accurate to < 1e-6 relative on the
-rank-one terms that matter), never a randomized approximation.
+LyCORIS `tlora` files do not store the SVD base they were trained against (P0, Q0, lambda0 = top-r singular
+triplets of the base weight). It is rebuilt exactly: eigen-decomposition of the smaller Gram matrix in float64
+(accurate to < 1e-6 relative on the rank-one terms that matter), never a randomized approximation.
+
+`base_triplets` takes one `BaseJob` per layer and touches one weight at a time: look its content key up in the
+cache, and only on a miss fetch the weight, decompose it, keep the small factors and drop the weight, so peak
+memory is one layer's working set whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -12,44 +15,54 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import lapack
+
 log = logging.getLogger("tlora.svd")
 
-# Bump when the computation changes, so old cache entries are never served.
-CACHE_VERSION = 1
+# Bump when the computation or the key changes, so old cache entries are never served.
+CACHE_VERSION = 2
 
-SVDStats = dict  # {"computed": int, "cached": int}
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Progress = Callable[[int, int], None]
 
 _NULL_TOL = torch.finfo(torch.float64).eps ** 0.5
 
 
-def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top_eigh(w: torch.Tensor, tall: bool, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs (ascending) of W^T W (tall) or W W^T (wide), float64: LAPACK's subset solver on the CPU
+    (see lapack.py), torch's full eigh elsewhere (GPU) or without SciPy."""
+    if w.device.type == "cpu" and lapack.available():
+        evals, evecs = lapack.top_gram_eigh(w.numpy(), tall, k)
+        return torch.from_numpy(evals), torch.from_numpy(evecs)
+    evals, evecs = torch.linalg.eigh(w.T @ w if tall else w @ w.T)
+    return evals[-k:], evecs[:, -k:]
+
+
+def top_singular(weight: torch.Tensor, rank: int) -> Triplets:
     """(u (out, r), s (r,), v (in, r)) of a 2-D weight, float32, on the weight's device.
 
     Singular values are sorted descending like `torch.linalg.svd`. Where rank exceeds
     min(out, in), the missing triplets are zero vectors with s = 1e-6 (LyCORIS' padding).
     """
-    w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
-    out_dim, in_dim = w.shape
-    k = min(rank, out_dim, in_dim)
+    w = weight.detach().reshape(weight.shape[0], -1).to(torch.float64).contiguous()
+    k = min(rank, *w.shape)
+    tall = w.shape[1] <= w.shape[0]
+    # eigenvectors of the smaller Gram matrix are v (tall weight) or u (wide weight)
+    evals, evecs = _top_eigh(w, tall, k)
+    vecs = evecs.flip(1)
+    s = evals.flip(0).clamp_min(0).sqrt()
     # Singular values below the Gram matrix's round-off (~sqrt(eps) * s_max) are numerically zero:
     # their terms get zero vectors, never w @ v / s (which overflows float32 on rank-deficient weights).
-    if in_dim <= out_dim:
-        evals, evecs = torch.linalg.eigh(w.T @ w)
-        v = evecs[:, -k:].flip(1)
-        s = evals[-k:].flip(0).clamp_min(0).sqrt()
-        null = s <= s[:1] * _NULL_TOL
-        u = torch.where(null, 0.0, (w @ v) / torch.where(null, 1.0, s))
-    else:
-        evals, evecs = torch.linalg.eigh(w @ w.T)
-        u = evecs[:, -k:].flip(1)
-        s = evals[-k:].flip(0).clamp_min(0).sqrt()
-        null = s <= s[:1] * _NULL_TOL
-        v = torch.where(null, 0.0, (w.T @ u) / torch.where(null, 1.0, s))
+    null = s <= s[:1] * _NULL_TOL
+    other = torch.where(null, 0.0, ((w @ vecs) if tall else (w.T @ vecs)) / torch.where(null, 1.0, s))
+    u, v = (other, vecs) if tall else (vecs, other)
     if k < rank:
         pad = rank - k
         u = torch.nn.functional.pad(u, (0, pad))
@@ -58,26 +71,32 @@ def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return u.float(), s.float(), v.float()
 
 
-def weight_digest(weight: torch.Tensor) -> str:
-    """Content hash of a weight (dtype, shape and bytes)."""
-    t = weight.detach().contiguous().cpu()
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"{t.dtype}|{tuple(t.shape)}|v{CACHE_VERSION}".encode())
-    h.update(t.view(torch.uint8).reshape(-1).numpy().data)
-    return h.hexdigest()
+def tensor_digest(*parts: torch.Tensor | str) -> str:
+    """Content key of tensors (dtype, shape and bytes) and strings: SHA-256 (with the CPUs' SHA extensions about
+    twice as fast as BLAKE2b here), 40 hex digits."""
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}".encode())
+    for p in parts:
+        if isinstance(p, str):
+            h.update(b"s" + p.encode())
+            continue
+        t = p.detach().contiguous().cpu()
+        h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:40]
 
 
 class SVDCache:
     """Directory of `<digest>-r<rank>.safetensors` files holding (u, s, v); `None` dir = no cache."""
 
-    def __init__(self, directory: str | os.PathLike | None):
+    def __init__(self, directory: str | os.PathLike[str] | None):
         self.directory = None if directory is None else os.fspath(directory)
-        self._lock = threading.Lock()
 
     def _path(self, digest: str, rank: int) -> str:
+        assert self.directory is not None
         return os.path.join(self.directory, f"{digest}-r{rank}.safetensors")
 
-    def get(self, digest: str, rank: int):
+    def get(self, digest: str, rank: int) -> Triplets | None:
         if self.directory is None:
             return None
         path = self._path(digest, rank)
@@ -90,7 +109,7 @@ class SVDCache:
             log.warning("ignoring unreadable SVD cache entry %s: %s", path, e)
             return None
 
-    def put(self, digest: str, rank: int, usv) -> None:
+    def put(self, digest: str, rank: int, usv: Triplets) -> None:
         if self.directory is None:
             return
         os.makedirs(self.directory, exist_ok=True)
@@ -101,42 +120,81 @@ class SVDCache:
         os.replace(tmp, path)
 
 
-def _fits(usv, weight: torch.Tensor, rank: int) -> bool:
+@dataclass(frozen=True)
+class BaseJob:
+    """One layer whose SVD base is needed: its rank, its weight's shape, a content key of the weight as stored
+    (cheap, no dequantization) and the dequantized weight on the device to decompose on (fetched only on a
+    cache miss)."""
+
+    name: str
+    rank: int
+    shape: tuple[int, int]
+    digest: Callable[[], str]
+    weight: Callable[[], torch.Tensor]
+
+
+def _fits(usv: Triplets, job: BaseJob) -> bool:
+    """A cache entry of the right shapes whose singular values are finite and >= 0 (entries are written whole by
+    `SVDCache.put`, so a wrong one is a foreign or edited file: its shapes or values show it)."""
     u, s, v = usv
-    shapes_ok = (tuple(u.shape) == (weight.shape[0], rank) and tuple(s.shape) == (rank,)
-                 and tuple(v.shape) == (weight[0].numel(), rank))
-    return shapes_ok and all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in usv)
+    shapes_ok = (tuple(u.shape) == (job.shape[0], job.rank) and tuple(s.shape) == (job.rank,)
+                 and tuple(v.shape) == (job.shape[1], job.rank))
+    return shapes_ok and all(t.is_floating_point() for t in usv) and bool(torch.isfinite(s).all() and (s >= 0).all())
 
 
-def base_triplets(
-    weights: dict[str, torch.Tensor],
-    ranks: dict[str, int],
-    cache: SVDCache | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    stats: SVDStats | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Top-r triplets for each named base weight, from the cache where the content matches."""
-    out = {}
-    total = len(weights)
-    if stats is not None:
-        stats.setdefault("computed", 0)
-        stats.setdefault("cached", 0)
-    for i, (name, w) in enumerate(weights.items()):
-        rank = ranks[name]
-        digest = weight_digest(w) if cache is not None else None
-        usv = cache.get(digest, rank) if cache is not None else None
-        if usv is not None and not _fits(usv, w, rank):
-            log.warning("ignoring SVD cache entry for %s: wrong shapes or non-finite values", name)
-            usv = None
+def default_workers(device: torch.device | str) -> int:
+    """Layers decomposed at once: one on a GPU; on the CPU one per core (up to 4: each holds a layer's fp64
+    working set), each on a single BLAS thread, where LAPACK can run without the GIL."""
+    if torch.device(device).type != "cpu" or not lapack.available():
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def base_triplets(jobs: Iterable[BaseJob], cache: SVDCache | None = None, progress: Progress | None = None,
+                  stats: dict[str, int] | None = None, workers: int = 1) -> dict[str, Triplets]:
+    """Top-r triplets (float32, CPU) for each layer, from the cache where the content matches; `workers` layers at
+    a time (peak memory: that many layers' working sets)."""
+    jobs = list(jobs)
+    stats = {} if stats is None else stats
+    for k in ("computed", "cached"):
+        stats.setdefault(k, 0)
+    lock = threading.Lock()
+    done = [0]
+
+    def run(job: BaseJob) -> Triplets:
+        if workers > 1:
+            lapack.single_threaded_blas()
+        digest = job.digest() if cache is not None else ""
+        usv = _from_cache(job, digest, cache)
+        with lock:
+            stats["cached" if usv is not None else "computed"] += 1
         if usv is None:
-            usv = top_singular(w, rank)
+            u, s, v = top_singular(job.weight(), job.rank)
+            usv = (u.cpu(), s.cpu(), v.cpu())
             if cache is not None:
-                cache.put(digest, rank, usv)
-            if stats is not None:
-                stats["computed"] = stats.get("computed", 0) + 1
-        elif stats is not None:
-            stats["cached"] = stats.get("cached", 0) + 1
-        out[name] = usv
-        if progress is not None:
-            progress(i + 1, total)
-    return out
+                cache.put(digest, job.rank, usv)
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(jobs))
+        return usv
+
+    if workers <= 1 or len(jobs) <= 1:
+        return {job.name: run(job) for job in jobs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers share the cores: one thread each
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            return dict(zip([j.name for j in jobs], ex.map(run, jobs), strict=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _from_cache(job: BaseJob, digest: str, cache: SVDCache | None) -> Triplets | None:
+    if cache is None:
+        return None
+    usv = cache.get(digest, job.rank)
+    if usv is not None and not _fits(usv, job):
+        log.warning("ignoring SVD cache entry for %s: wrong shapes or non-finite values", job.name)
+        return None
+    return usv

@@ -222,11 +222,6 @@ SDXL_VARIANTS = {  # variant -> (spec, ComfyUI class); all SDXL subclasses built
     "sdxl": (UNetSpec((320,) * 3, 2, (0, 2, 10), (0, 1, 1), None, 2048, head_channels=64, linear_proj=True,
                       pooled_dim=1280), "SDXL"),
 }
-# In-process pairs: a plain level and an attention level, a middle block, head width 16.
-SMALL_SPECS = {
-    "sd15": UNetSpec((32, 64), 1, (1, 0), (1, 0), 1, 32, num_heads=8),
-    "sdxl": UNetSpec((32, 64), 2, (0, 2), (0, 2), 2, 32, head_channels=16, linear_proj=True, pooled_dim=32),
-}
 
 
 def _unet_pair(spec: UNetSpec, seed: int, round_to: torch.dtype | None):
@@ -287,29 +282,6 @@ def make_sdxl(out_dir, seed: int = 0, dtype: torch.dtype = torch.float16, force:
     return _make_unet(f"sdxl_{variant}", spec, cls, out_dir, seed, dtype, force)
 
 
-def build_comfy_unet_small(kind: str = "sd15", seed: int = 0):
-    """(ComfyUI BaseModel, diffusers UNet2DConditionModel) with identical fp32 weights and a very small
-    config (channels 32/64, context 32, head width 4 (sd15) / 16 (sdxl), SDXL pooled width 32).
-
-    The ComfyUI side is built like `load_diffusion_model` does (`model_config.get_model` +
-    weights), skipping detection: `comfy.supported_models.SD15` -> `model_base.BaseModel`, `SDXL` ->
-    `model_base.SDXL` (its `encode_adm` builds `y`). Wrap it with `comfy.model_patcher.ModelPatcher`."""
-    comfy = import_comfy()
-    spec = SMALL_SPECS[kind]
-    unet, comfy_sd = _unet_pair(spec, seed, None)
-    unet_config = spec.comfy_unet_config()
-    mc = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[kind](unet_config)
-    mc.unet_config.update(num_heads=spec.num_heads, num_head_channels=spec.head_channels)  # undo class extras
-    return _comfy_model(comfy, mc, comfy_sd), unet
-
-
-def _comfy_model(comfy, model_config, comfy_sd):
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, "")
-    model.diffusion_model.load_state_dict(comfy_sd, strict=True)  # every ComfyUI weight, nothing else
-    return model.eval()
-
-
 # --------------------------------------------------------------------------------------------
 # Flux
 # --------------------------------------------------------------------------------------------
@@ -340,7 +312,6 @@ class FluxSpec:
 # ComfyUI's Flux detection fixes 24 heads and axes (16, 56, 56), hence hidden 3072; context and vec
 # widths are read from the file (4096 / 768 kept so T5/CLIP-shaped conditioning fits).
 FLUX_SPEC = FluxSpec(3072, 24, 1, 0, 4096, 768, (16, 56, 56))
-FLUX_SMALL_SPEC = FluxSpec(64, 2, 1, 1, 32, 16, (8, 12, 12))
 
 
 def _flux_pair(spec: FluxSpec, seed: int, round_to: torch.dtype | None):
@@ -372,17 +343,6 @@ def make_flux(out_dir, seed: int = 0, dtype: torch.dtype = torch.float16, force:
         return _result("flux", t0, files, True, **extra)
     model, comfy_sd = _flux_pair(spec, seed, dtype)
     return _save_pair("flux", out_dir, model, comfy_sd, dtype, stamp, t0, **extra)
-
-
-def build_comfy_flux_small(seed: int = 0, single_blocks: int = 1):
-    """(ComfyUI `model_base.Flux`, diffusers FluxTransformer2DModel) with identical fp32 weights:
-    hidden 64, 2 heads x 32 (axes 8/12/12), 1 double block, `single_blocks` single blocks, context 32,
-    pooled 16, guidance embedding. ComfyUI's fused `qkv` / `linear1` weights are assembled from the
-    diffusers to_q/to_k/to_v(/proj_mlp) slices. Compare with `run_diffusers_flux`."""
-    comfy = import_comfy()
-    spec = dataclasses.replace(FLUX_SMALL_SPEC, single=single_blocks)
-    model, comfy_sd = _flux_pair(spec, seed, None)
-    return _comfy_model(comfy, comfy.supported_models.Flux(spec.comfy_unet_config()), comfy_sd), model
 
 
 def run_diffusers_flux(transformer, x, timestep, context, y, guidance=None) -> torch.Tensor:
@@ -555,73 +515,6 @@ def write_official_flux_pt(transformer, path, rank: int, seed: int = 0, strength
     return sd
 
 
-# --------------------------------------------------------------------------------------------
-# SD3 (MMDiT) and Flux 2: in-process pairs
-# --------------------------------------------------------------------------------------------
-# SD3: ComfyUI's MMDiT fixes head width 64 (hidden = 64 x depth, heads = depth). Two blocks, the first
-# with SD3.5's dual attention (attn2), RMS q/k norms, pos-embed grid 8x8, context 32, pooled 32.
-SD3_SMALL = dict(depth=2, context_dim=32, pooled_dim=32, pos_max=8, dual_layers=(0,))
-# Flux 2: hidden 64 = 2 heads x 32 (4 RoPE axes of 8), 1 double + 1 single block, 16 latent channels,
-# SwiGLU MLPs (ratio 3), shared modulations, no biases, guidance embedding.
-FLUX2_SMALL = dict(hidden=64, heads=2, depth=1, single=1, context_dim=32, channels=16, axes=(8, 8, 8, 8))
-# LyCORIS preset targets reaching every Linear inside the blocks (like FLUX_TARGETS)
-SD3_TARGETS = ("JointTransformerBlock",)
-FLUX2_TARGETS = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
-
-
-def sd3_small_configs() -> tuple[dict, dict]:
-    """(diffusers SD3Transformer2DModel config, ComfyUI MMDiT unet_config) of the small SD3 pair."""
-    s = SD3_SMALL
-    hidden = 64 * s["depth"]
-    diff = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=s["depth"],
-                attention_head_dim=64, num_attention_heads=s["depth"], joint_attention_dim=s["context_dim"],
-                caption_projection_dim=hidden, pooled_projection_dim=s["pooled_dim"], pos_embed_max_size=s["pos_max"],
-                dual_attention_layers=tuple(s["dual_layers"]), qk_norm="rms_norm")
-    comfy = dict(in_channels=16, out_channels=16, patch_size=2, depth=s["depth"], input_size=None,
-                 adm_in_channels=s["pooled_dim"], num_patches=s["pos_max"] ** 2, pos_embed_max_size=s["pos_max"],
-                 context_embedder_config={"target": "torch.nn.Linear",
-                                          "params": {"in_features": s["context_dim"], "out_features": hidden}},
-                 qk_norm="rms", pos_embed_scaling_factor=None, x_block_self_attn_layers=list(s["dual_layers"]))
-    return diff, comfy
-
-
-def build_comfy_sd3_small(seed: int = 0):
-    """(ComfyUI `model_base.SD3`, diffusers SD3Transformer2DModel) with identical fp32 weights (see
-    SD3_SMALL), converted with ComfyUI's own `comfy.utils.mmdit_to_diffusers` (fused qkv slices and the
-    last block's swapped scale/shift included). Compare with `run_diffusers_sd3`."""
-    comfy = import_comfy()
-    from diffusers import SD3Transformer2DModel
-
-    diff_cfg, unet_config = sd3_small_configs()
-    model = SD3Transformer2DModel(**diff_cfg)  # not on meta: keeps the sin-cos pos_embed buffer real
-    fill_random_(model, seed)
-    comfy_sd = diffusers_to_comfy(model.state_dict(), comfy.utils.mmdit_to_diffusers(unet_config))
-    return _comfy_model(comfy, comfy.supported_models.SD3(unet_config), comfy_sd), model
-
-
-def run_diffusers_sd3(transformer, x, timestep, context, y) -> torch.Tensor:
-    """Call a diffusers SD3 transformer like ComfyUI's MMDiT `forward(x, timesteps, context, y)`: x is a
-    (B, 16, H, W) latent, timestep (B,) in ComfyUI's units for SD3 (sigma * 1000, what the trainer used)."""
-    return transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=y, timestep=timestep,
-                       return_dict=False)[0]
-
-
-def flux2_small_configs() -> tuple[dict, dict]:
-    """(diffusers Flux2Transformer2DModel config, ComfyUI Flux2 unet_config) of the small Flux 2 pair;
-    the ComfyUI side carries the constants ComfyUI 0.3.75's detection sets for Flux 2."""
-    s = FLUX2_SMALL
-    diff = dict(patch_size=1, in_channels=s["channels"], num_layers=s["depth"], num_single_layers=s["single"],
-                attention_head_dim=s["hidden"] // s["heads"], num_attention_heads=s["heads"],
-                joint_attention_dim=s["context_dim"], mlp_ratio=3.0, axes_dims_rope=tuple(s["axes"]), rope_theta=2000,
-                guidance_embeds=True)
-    comfy = dict(image_model="flux2", in_channels=s["channels"], out_channels=s["channels"], vec_in_dim=None,
-                 context_in_dim=s["context_dim"], hidden_size=s["hidden"], mlp_ratio=3.0, num_heads=s["heads"],
-                 depth=s["depth"], depth_single_blocks=s["single"], axes_dim=list(s["axes"]), theta=2000, patch_size=1,
-                 qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-                 default_ref_method="index", ref_index_scale=10.0)
-    return diff, comfy
-
-
 def flux2_to_diffusers(unet_config: dict) -> dict[str, Any]:
     """diffusers Flux2Transformer2DModel key -> ComfyUI Flux 2 key, in the format of ComfyUI's
     `*_to_diffusers` maps (ComfyUI 0.3.75 has none for Flux 2). Read off both model definitions:
@@ -661,33 +554,3 @@ def flux2_to_diffusers(unet_config: dict) -> dict[str, Any]:
     km.update({f"{d}.weight": f"{c}.weight" for d, c in basic.items()})
     km["norm_out.linear.weight"] = ("final_layer.adaLN_modulation.1.weight", None, comfy.utils.swap_scale_shift)
     return km
-
-
-def build_comfy_flux2_small(seed: int = 0):
-    """(ComfyUI `model_base.Flux2`, diffusers Flux2Transformer2DModel) with identical fp32 weights (see
-    FLUX2_SMALL), converted with `flux2_to_diffusers`. Compare with `run_diffusers_flux2`."""
-    comfy = import_comfy()
-    from diffusers import Flux2Transformer2DModel
-
-    diff_cfg, unet_config = flux2_small_configs()
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(**diff_cfg)
-    fill_random_(model, seed)
-    comfy_sd = diffusers_to_comfy(model.state_dict(), flux2_to_diffusers(unet_config))
-    return _comfy_model(comfy, comfy.supported_models.Flux2(unet_config), comfy_sd), model
-
-
-def run_diffusers_flux2(transformer, x, timestep, context, guidance=None) -> torch.Tensor:
-    """Call a diffusers Flux 2 transformer like ComfyUI's `Flux2.forward(x, timestep, context, guidance=...)`:
-    x is a (B, C, H, W) latent (patch size 1), timestep/guidance (B,) in ComfyUI units (sigma, cfg); builds
-    ComfyUI's 4-axis ids (image (0, row, col, 0), text (0, 0, 0, index)) and unpacks the output."""
-    b, c, h, w = x.shape
-    img_ids = torch.zeros(h, w, 4)
-    img_ids[..., 1] = torch.arange(h)[:, None]
-    img_ids[..., 2] = torch.arange(w)[None, :]
-    txt_ids = torch.zeros(context.shape[1], 4)
-    txt_ids[:, 3] = torch.arange(context.shape[1])
-    out = transformer(hidden_states=x.reshape(b, c, h * w).transpose(1, 2), encoder_hidden_states=context,
-                      timestep=timestep, img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids, guidance=guidance,
-                      return_dict=False)[0]
-    return out.transpose(1, 2).reshape(b, c, h, w)

@@ -1,7 +1,6 @@
 """js/tlora_schedule.js is a port of tlora_core.schedule.active_rank: run both on one table of values."""
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +16,11 @@ CASES = [(r, rmin, a) for r in (1, 2, 7, 16, 64, 128) for rmin in sorted({1, max
          for a in (0.1, 0.5, 1.0, 1.5, 2.0, 3.7)]
 
 
-@pytest.mark.skipif(NODE is None and not os.environ.get("CI"), reason="node (Node.js) is not installed")
+def test_node_is_installed():
+    """The JS port is run with Node.js: missing, this tier fails here, it never skips."""
+    assert NODE is not None, "node (Node.js) is not installed: install it (Debian: apt-get install nodejs)"
+
+
 def test_js_port_matches_python_for_every_timestep():
     script = f"""
 import {{ scheduleRanks, activeRank }} from {json.dumps((ROOT / 'js' / 'tlora_schedule.js').as_uri())};
@@ -34,7 +37,6 @@ console.log(JSON.stringify(out));
         assert ranks == py, f"JS and Python disagree for max_rank={r} min_rank={rmin} alpha={a}"
 
 
-@pytest.mark.skipif(NODE is None and not os.environ.get("CI"), reason="node (Node.js) is not installed")
 def test_js_port_rejects_what_python_rejects():
     script = f"""
 import {{ activeRank }} from {json.dumps((ROOT / 'js' / 'tlora_schedule.js').as_uri())};

@@ -51,28 +51,27 @@ def _flux_inputs(spec, h=8, w=6):
 
 
 # ---------------------------------------------------------------------------------------------
-# In-process pairs
+# In-process twins, built through ComfyUI's own detection (tools/families)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_small_unet_pair_matches(comfy, kind):
-    model, unet = tm.build_comfy_unet_small(kind)
-    expected = {"sd15": comfy.model_base.BaseModel, "sdxl": comfy.model_base.SDXL}[kind]
-    assert type(model) is expected
-    spec = tm.SMALL_SPECS[kind]
-    a, b = _unet_outputs(model, unet, *_unet_inputs(spec.pooled_dim, spec.context_dim))
-    assert a.abs().max() > 0.1  # a real signal, not zeros
-    torch.testing.assert_close(a, b, **TOL)
+def _family_params():
+    from tools import families
+
+    tm.import_comfy()
+    return [pytest.param(f, id=f.name) for f in families.available()]
 
 
-def test_small_flux_pair_matches(comfy):
-    model, transformer = tm.build_comfy_flux_small()
-    assert type(model) is comfy.model_base.Flux and len(model.diffusion_model.single_blocks) == 1
-    x, sigma, ctx, y, guidance = _flux_inputs(tm.FLUX_SMALL_SPEC)
+@pytest.mark.parametrize("family", _family_params())
+def test_family_twin_matches_its_diffusers_model(comfy, family):
+    """ComfyUI's detection gives the family's class, and without a T-LoRA both forwards agree."""
+    from tools.families.base import capture, rel_l2, sigma_for
+
+    twin = family.build(0)
+    assert type(twin.patcher.model).__name__ == family.comfy_class
+    x, conds = family.inputs(twin, torch.Generator().manual_seed(1))
+    call = capture(twin.patcher, x, sigma_for(twin.patcher, 600, family.flow), conds)
+    assert call.out.abs().max() > 0.05  # a real signal, not zeros
     with torch.no_grad():
-        a = model.diffusion_model(x, sigma, ctx, y=y, guidance=guidance)
-        b = tm.run_diffusers_flux(transformer, x, sigma, ctx, y, guidance)
-    assert a.abs().max() > 0.1
-    torch.testing.assert_close(a, b, **TOL)
+        assert rel_l2(call.out, family.reference(twin, call)) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +139,11 @@ def test_lycoris_tlora_file_and_reference(comfy, tmp_path):
     from lycoris import create_lycoris_from_weights
     from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
-    model, unet = tm.build_comfy_unet_small("sd15")
-    inputs = _unet_inputs(None, 32)
+    from tools.families import FAMILIES
+
+    twin = FAMILIES["sd15"].build(0)
+    model, unet = twin.patcher.model, twin.diffusers
+    inputs = _unet_inputs(None, 768, 8)
     base = _unet_outputs(model, unet, *inputs)[1]
     path = tmp_path / "pytorch_lora_weights.safetensors"
     net = tm.write_lycoris_tlora(unet, path, rank=4, alpha=2.0, seed=3, metadata={"note": "test"})
@@ -180,14 +182,16 @@ def test_lycoris_tlora_file_and_reference(comfy, tmp_path):
 
 
 def test_lycoris_flux_names_map_to_fused_comfy_weights(comfy, tmp_path):
-    model, transformer = tm.build_comfy_flux_small()
-    net = tm.write_lycoris_tlora(transformer, tmp_path / "flux.safetensors", 4, 4.0, targets=tm.FLUX_TARGETS)
+    from tools.families import FAMILIES
+
+    twin = FAMILIES["flux"].build(0)
+    net = tm.write_lycoris_tlora(twin.diffusers, tmp_path / "flux.safetensors", 4, 4.0, targets=tm.FLUX_TARGETS)
     net.restore()
     names = {lora.lora_name for lora in net.loras}
     assert len(names) == 20 and "lycoris_single_transformer_blocks_0_proj_mlp" in names
-    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    key_map = comfy.lora.model_lora_keys_unet(twin.patcher.model, {})
     assert names <= key_map.keys()
-    h = tm.FLUX_SMALL_SPEC.hidden
+    h = twin.patcher.model.model_config.unet_config["hidden_size"]
     assert key_map["lycoris_transformer_blocks_0_attn_to_k"] == ("diffusion_model.double_blocks.0.img_attn.qkv.weight",
                                                                 (0, h, h))
     assert key_map["lycoris_single_transformer_blocks_0_proj_mlp"] == (
@@ -196,7 +200,10 @@ def test_lycoris_flux_names_map_to_fused_comfy_weights(comfy, tmp_path):
 
 @pytest.mark.parametrize("ortho", [True, False])
 def test_official_sdxl_layout(tmp_path, ortho):
-    _, unet = tm.build_comfy_unet_small("sdxl")
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**tm.SDXL_VARIANTS["koala"][0].diffusers_config())
     sd = tm.write_official_sdxl(unet, tmp_path / "w.safetensors", rank=4, ortho=ortho)
     assert load_file(str(tmp_path / "w.safetensors")).keys() == sd.keys()
     n_attn = len(unet.attn_processors)
@@ -206,16 +213,18 @@ def test_official_sdxl_layout(tmp_path, ortho):
     p = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora."
     assert {k[len(p):] for k in sd if k.startswith(p)} == leaves
     if ortho:
-        assert sd[p + "q_layer.weight"].shape == (4, 32) and sd[p + "p_layer.weight"].shape == (64, 4)
+        assert sd[p + "q_layer.weight"].shape == (4, 2048) and sd[p + "p_layer.weight"].shape == (320, 4)
         assert not torch.equal(sd[p + "q_layer.weight"], sd[p + "base_q.weight"])
     else:
-        assert sd[p + "down.weight"].shape == (4, 32) and sd[p + "up.weight"].shape == (64, 4)
+        assert sd[p + "down.weight"].shape == (4, 2048) and sd[p + "up.weight"].shape == (320, 4)
 
 
 def test_official_flux_pt_layout(tmp_path):
-    _, transformer = tm.build_comfy_flux_small()
+    from tools.families import FAMILIES
+
+    transformer = FAMILIES["flux"].build(0).diffusers
     tm.write_official_flux_pt(transformer, tmp_path / "lora.pt", rank=4)
     sd = torch.load(str(tmp_path / "lora.pt"), weights_only=True)
     assert len(sd) == 2 * 7 * 2  # (1 double + 1 single block) x 7 adapters x down/up
-    assert sd["transformer_blocks.0.attn.processor.to_q_proj_lora.down.weight"].shape == (4, 64)
-    assert sd["single_transformer_blocks.0.attn.processor.to_v_lora.up.weight"].shape == (64, 4)
+    assert sd["transformer_blocks.0.attn.processor.to_q_proj_lora.down.weight"].shape == (4, 128)
+    assert sd["single_transformer_blocks.0.attn.processor.to_v_lora.up.weight"].shape == (128, 4)

@@ -12,18 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.evil import RunsCode
 from tests.reliability import helpers as h
 from tools.harness.server import ServerError, error_message
-
-
-class _RunsCode:
-    """Unpickling this runs a shell command (creates a marker file)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def _tlora_sd(sdxl_tlora_file: Path) -> dict[str, torch.Tensor]:
@@ -163,7 +154,7 @@ def test_pickle_that_runs_code_is_refused_and_never_executed(server, tiny, base_
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     tensors = {f"transformer_blocks.0.attn.processor.to_q_lora.{k}.weight": torch.zeros(4, 4) for k in ("down", "up")}
-    payload = {**tensors, "trigger": _RunsCode(marker)}
+    payload = {**tensors, "trigger": RunsCode(marker)}
     if layout == "plain_pickle":
         with open(evil, "wb") as f:
             pickle.dump(payload, f, protocol=2)
@@ -171,7 +162,7 @@ def test_pickle_that_runs_code_is_refused_and_never_executed(server, tiny, base_
         torch.save(payload, str(evil), _use_new_zipfile_serialization=layout == "zip")
     # the payload is live: unpickling it without weights_only runs the command (checked on a probe copy)
     probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps({"x": _RunsCode(probe)}))
+    pickle.loads(pickle.dumps({"x": RunsCode(probe)}))
     assert probe.exists(), "the test payload is inert: the check below would prove nothing"
     name = f"evil_{layout}.pt"
     with h.in_loras(server, {name: evil}):

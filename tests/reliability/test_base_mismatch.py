@@ -66,8 +66,8 @@ def _delta_error(tl, right: dict, other: dict) -> float:
     """Relative change of the full-rank delta when the SVD base (triplets) comes from `other`, not `right`."""
     num = den = 0.0
     for n, a in tl.modules.items():
-        ref = a.with_svd_base(*right[n]).delta_weight(a.rank)
-        got = a.with_svd_base(*other[n]).delta_weight(a.rank)
+        ref = a.with_base(*right[n]).delta_weight(a.rank)
+        got = a.with_base(*other[n]).delta_weight(a.rank)
         num += float((got - ref).square().sum())
         den += float(ref.square().sum())
     return (num / den) ** 0.5
@@ -141,7 +141,7 @@ def test_alignment_of_official_or_untrained_modules():
     u, s, v = top_singular(w, 4)
     from tlora_core.adapter import ORTHO, ModuleAdapter
 
-    a = ModuleAdapter(name="m", kind=ORTHO, up=u.clone(), down=v.T.clone(), lam=s.clone(), needs_svd_base=True)
+    a = ModuleAdapter(name="m", kind=ORTHO, up=u.clone(), down=v.T.clone(), lam=s.clone(), svd_base=True)
     al = diagnostics.alignment({"m": a}, {"m": (u, s, v)})
     assert al.figure == pytest.approx(1.0) and al.verdict == "ok"
     assert diagnostics.mismatch_message("x", al) is None
@@ -150,7 +150,7 @@ def test_alignment_of_official_or_untrained_modules():
     # rotated factors: the same span, wrong partners -> not aligned
     perm = torch.tensor([1, 2, 3, 0])
     b = ModuleAdapter(name="m", kind=ORTHO, up=u[:, perm].clone(), down=v.T[perm].clone(), lam=s.clone(),
-                      needs_svd_base=True)
+                      svd_base=True)
     assert diagnostics.alignment({"m": b}, {"m": (u, s, v)}).verdict == "different"
 
 

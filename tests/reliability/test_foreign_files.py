@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tlora_core import TLoRAError, formats, load_tlora
+from tlora_core import TLoRAError, fileio, load_tlora
 
 
 class _CountingSafeOpen:
@@ -48,8 +48,8 @@ class _CountingSafeOpen:
     (("vae", "vae_4ch"), "a VAE, not a LoRA"),
 ])
 def test_foreign_file_rejected_by_names_without_reading_tensors(tiny, monkeypatch, which, cause):
-    counting = _CountingSafeOpen(formats.safe_open)
-    monkeypatch.setattr(formats, "safe_open", counting)
+    counting = _CountingSafeOpen(fileio.safe_open)
+    monkeypatch.setattr(fileio, "safe_open", counting)
     path = Path(tiny[which[0]][which[1]])
     with pytest.raises(TLoRAError) as e:
         load_tlora(path)
@@ -58,7 +58,7 @@ def test_foreign_file_rejected_by_names_without_reading_tensors(tiny, monkeypatc
 
 
 def test_tlora_file_is_still_read(sdxl_tlora_file, monkeypatch):
-    counting = _CountingSafeOpen(formats.safe_open)
-    monkeypatch.setattr(formats, "safe_open", counting)
+    counting = _CountingSafeOpen(fileio.safe_open)
+    monkeypatch.setattr(fileio, "safe_open", counting)
     tl = load_tlora(sdxl_tlora_file)
     assert tl.format == "lycoris_tlora" and counting.reads == 4 * len(tl.modules)

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from tests.evil import RunsCode
 from tlora_core import TLoRA, TLoRAError, load_tlora
-from tlora_core.formats import _SUFFIXES
+from tlora_core.layouts import SUFFIXES
 
 
 def _ortho(stem, r=4, i=8, o=8, g=None):
@@ -232,18 +233,10 @@ def test_header_length_larger_than_the_file(tmp_path):
     _expect(path, "not a readable safetensors")
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("wrap", ["bare", "in_dict", "beside_tensors"])
 def test_pickle_that_would_run_code_is_refused(tmp_path, wrap):
     marker = tmp_path / "PWNED"
-    evil = _RunsCode(marker)
+    evil = RunsCode(marker)
     obj = {"bare": evil, "in_dict": {"x": evil},
            "beside_tensors": {"a.processor.to_q_lora.down.weight": torch.zeros(2, 4), "z": evil}}[wrap]
     path = tmp_path / "lora.pt"
@@ -307,7 +300,7 @@ LAYOUTS = {
     "peft": {".lora_A.weight": "ri", ".lora_B.weight": "or"},
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64]
-assert {k for layout in LAYOUTS.values() for k in layout} <= set(_SUFFIXES)
+assert {k for layout in LAYOUTS.values() for k in layout} <= set(SUFFIXES)
 
 
 DEFECTS = [None, None, None, "missing", "rank", "dtype", "nan", "inf", "zeros", "any_shape", "conv1x1", "conv3x3",
@@ -361,7 +354,7 @@ def state_dicts(draw):
     for stem in draw(st.lists(st.sampled_from(STEMS), max_size=3, unique=True)):
         sd.update(draw(module_tensors(stem)))
     for _ in range(draw(st.integers(0, 2)) if draw(st.integers(0, 3)) == 0 else 0):
-        key = draw(st.sampled_from(STEMS)) + draw(st.sampled_from(JUNK_SUFFIXES + sorted(_SUFFIXES)))
+        key = draw(st.sampled_from(STEMS)) + draw(st.sampled_from(JUNK_SUFFIXES + sorted(SUFFIXES)))
         if key:
             dims = draw(st.lists(st.integers(0, 4), max_size=4))
             sd[key] = torch.randn(dims).to(draw(st.sampled_from(DTYPES[:3])))
@@ -409,7 +402,6 @@ def test_fuzz_load_returns_tlora_or_raises_tlora_error(tmp_path_factory, sd, met
     assert isinstance(tl, TLoRA)
     assert tl.modules or tl.text_encoder_modules
     tl.schedule_defaults()
-    tl.summary()
     for m in [*tl.modules.values(), *tl.text_encoder_modules.values()]:
         assert m.rank >= 1
         if m.has_base:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from tlora_core import ORTHO, TLoRA, load_tlora
 from tlora_core.formats import LYCORIS
-from tlora_core.svd import SVDCache, base_triplets
+from tlora_core.svd import BaseJob, SVDCache, base_triplets, tensor_digest, top_singular
 
 RANK, ALPHA = 8, 4
 
@@ -141,66 +141,70 @@ def _rel(a, b):
 def test_masked_delta_matches_lycoris_for_every_rank(written, short):
     path, net, originals = written
     lora = next(lo for lo in net.loras if lo.lora_name == _lycoris_name(short))
-    module = load_tlora(path).modules[_lycoris_name(short)]
+    module = _with_rebuilt_base(load_tlora(path).modules[_lycoris_name(short)], originals[short])
     refs = _reference_deltas(lora)
     for r, ref in enumerate(refs, start=1):
-        ours = module.delta_weight(r, base_weight=originals[short])
+        ours = module.delta_weight(r)
         assert ours.dtype == torch.float32
         assert ours.shape == ref.shape == originals[short].shape
         assert _rel(ours, ref) < 1e-6, (short, r, _rel(ours, ref))
-    assert torch.count_nonzero(module.delta_weight(0, base_weight=originals[short])) == 0
+    assert torch.count_nonzero(module.delta_weight(0)) == 0
+
+
+def _with_rebuilt_base(module, weight):
+    return module.with_base(*top_singular(weight.reshape(weight.shape[0], -1), module.rank))
 
 
 def test_svd_base_from_the_cache_gives_the_same_deltas(written, tmp_path):
     path, net, originals = written
     tl = load_tlora(path)
-    weights = {_lycoris_name(s): originals[s] for s in TESTED}
-    stats = {}
-    triplets = base_triplets(weights, {n: tl.modules[n].rank for n in weights}, SVDCache(tmp_path / "svd"),
-                             stats=stats)
-    assert stats["computed"] == len(TESTED)
-    for name, usv in triplets.items():
-        tl.modules[name].set_svd_base(*usv)
-    assert not tl.needs_svd_base or _lycoris_name("conv3") in tl.modules
-    for short in TESTED:
-        lora = next(lo for lo in net.loras if lo.lora_name == _lycoris_name(short))
-        for r, ref in enumerate(_reference_deltas(lora), start=1):
-            assert _rel(tl.modules[_lycoris_name(short)].delta_weight(r), ref) < 1e-6
+    jobs = [BaseJob(_lycoris_name(s), RANK, tuple(originals[s].reshape(originals[s].shape[0], -1).shape),
+                    lambda w=originals[s]: tensor_digest(w), lambda w=originals[s]: w.reshape(w.shape[0], -1))
+            for s in TESTED]
+    for run in ("computed", "cached"):
+        stats = {}
+        triplets = base_triplets(jobs, SVDCache(tmp_path / "svd"), stats=stats)
+        assert stats[run] == len(TESTED)
+        for short in TESTED:
+            name = _lycoris_name(short)
+            module = tl.modules[name].with_base(*triplets[name])
+            lora = next(lo for lo in net.loras if lo.lora_name == name)
+            for r, ref in enumerate(_reference_deltas(lora), start=1):
+                assert _rel(module.delta_weight(r), ref) < 1e-6, (run, short, r)
+    assert all(m.needs_svd_base for m in tl.modules.values()), "the loaded file's adapters are never changed"
 
 
-def test_prefix_factors_reproduce_the_delta_as_a_forward(written):
-    # y += (x @ down[:k*r].T) @ up_t[:k*r] is what an injected layer computes per call.
+@pytest.mark.parametrize("short", ["proj_in", "conv1"])
+def test_prefix_factors_as_a_forward_equal_lycoris_masked_delta(written, short):
+    """y += (x @ down[:k*r].T) @ up_t[:k*r], what an injected layer computes per call, equals x @ delta(r)^T with
+    LyCORIS' own masked delta (`get_diff_weight`) as the oracle, for every rank."""
     path, net, originals = written
-    module = load_tlora(path).modules[_lycoris_name("proj_in")]
-    module.delta_weight(RANK, base_weight=originals["proj_in"])
+    name = _lycoris_name(short)
+    module = _with_rebuilt_base(load_tlora(path).modules[name], originals[short])
+    lora = next(lo for lo in net.loras if lo.lora_name == name)
     down, up_t, k = module.prefix_factors()
-    assert k == 2
-    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
-    for r in (1, 3, RANK):
-        expected = x @ module.delta_weight(r).T
+    assert k == 2 and down.shape == (2 * RANK, module.in_features) and up_t.shape == (2 * RANK, module.out_features)
+    x = torch.randn(5, module.in_features, generator=torch.Generator().manual_seed(3))
+    for r, ref in enumerate(_reference_deltas(lora), start=1):
+        expected = x.double() @ ref.reshape(ref.shape[0], -1).double().T
         got = (x @ down[: k * r].T) @ up_t[: k * r]
-        assert _rel(got, expected) < 1e-5
+        assert _rel(got, expected) < 1e-5, (short, r)
 
 
 def test_3x3_conv_gets_a_defined_behaviour(written):
     """LyCORIS writes 1x1 factors for a 3x3 conv (its file cannot be told from a 1x1 conv's) and cannot run
-    it itself. Once the layer's weight shape is known the module must be skipped with a reason, never patched."""
+    it itself. Once the layer's weight shape is known the module must be refused with a reason, never patched."""
     path, net, originals = written
     x = torch.randn(1, 8, 5, 5)
     with pytest.raises(RuntimeError):  # what LyCORIS itself does with it
         net.loras[[lo.lora_name for lo in net.loras].index(_lycoris_name("conv3"))](x)
-    tl = load_tlora(path)
-    name = _lycoris_name("conv3")
-    module = tl.modules[name]
-    with pytest.raises(ValueError, match="kernel"):
-        module.delta_weight(RANK, base_weight=originals["conv3"])
-    shapes = {_lycoris_name(s): tuple(w.shape) for s, w in originals.items()}
-    fitted = tl.for_weights(shapes)
-    assert name not in fitted.modules
-    assert "kernel" in fitted.skipped[name] and "3x3" in fitted.skipped[name]
-    assert set(fitted.modules) == {_lycoris_name(s) for s in TESTED}
-    assert set(fitted.skipped) == {name}
-    assert name in tl.modules and not tl.skipped, "the loaded TLoRA itself is not modified"
+    module = load_tlora(path).modules[_lycoris_name("conv3")]
+    why = module.fit_error(originals["conv3"].shape)
+    assert why is not None and "kernel" in why and "3x3" in why
+    for short in TESTED:
+        assert module.fit_error(originals[short].shape) is not None or short == "conv1"
+    with pytest.raises(ValueError, match="does not fit"):
+        _with_rebuilt_base(module, originals["conv3"])
 
 
 # --- schedule values recorded with the file -------------------------------------------------------
@@ -244,13 +248,12 @@ def test_unreadable_sidecar_is_ignored(written, tmp_path):
     assert load_tlora(path).schedule_defaults()["min_rank"] == (1, "default")
 
 
-def test_layer_of_another_shape_is_skipped_not_patched(written):
+def test_layer_of_another_shape_is_refused(written):
     path, _, originals = written
     tl = load_tlora(path)
-    name = _lycoris_name("to_q")
-    with pytest.raises(ValueError, match="does not fit") as e:
-        tl.modules[name].delta_weight(2, base_weight=torch.randn(16, 20))
-    assert name in str(e.value)
-    fitted = tl.for_weights({name: (16, 20), _lycoris_name("conv1"): (12, 8, 1, 1), _lycoris_name("proj_in"): (24, 16)})
-    assert set(fitted.skipped) == {name} and "does not fit" in fitted.skipped[name]
-    assert _lycoris_name("conv1") in fitted.modules and _lycoris_name("proj_in") in fitted.modules
+    module = tl.modules[_lycoris_name("to_q")]
+    assert "does not fit" in module.fit_error((16, 20))
+    assert module.fit_error((16, 16)) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        _with_rebuilt_base(module, torch.randn(16, 20))
+    assert tl.modules[_lycoris_name("conv1")].fit_error((12, 8, 1, 1)) is None

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlora_core.svd import SVDCache, base_triplets, top_singular, weight_digest
+from tlora_core.svd import BaseJob, SVDCache, base_triplets, tensor_digest, top_singular
 
 
 def _terms_sum(u, s, v, k):
@@ -96,9 +96,19 @@ def _weights(seed=0):
 RANKS = {"a": 4, "b": 8, "c": 6}
 
 
-def _run(cache, weights=None):
+def _jobs(weights, fetched=None):
+    """One job per weight; `fetched` (a list) records which weights were fetched for decomposition."""
+    def fetch(name, w):
+        if fetched is not None:
+            fetched.append(name)
+        return w
+    return [BaseJob(n, RANKS[n], tuple(w.shape), lambda w=w: tensor_digest(w), lambda n=n, w=w: fetch(n, w))
+            for n, w in weights.items()]
+
+
+def _run(cache, weights=None, fetched=None):
     stats = {}
-    out = base_triplets(weights or _weights(), RANKS, cache, stats=stats)
+    out = base_triplets(_jobs(weights or _weights(), fetched), cache, stats=stats)
     return out, stats
 
 
@@ -113,8 +123,10 @@ def test_second_call_reads_everything_from_the_cache(tmp_path):
     first, stats = _run(cache)
     assert stats["computed"] == 3 and stats["cached"] == 0
     assert len(os.listdir(tmp_path / "svd")) == 3
-    second, stats = _run(SVDCache(tmp_path / "svd"))  # a new process would build a new SVDCache
+    fetched = []
+    second, stats = _run(SVDCache(tmp_path / "svd"), fetched=fetched)  # a new process would build a new SVDCache
     assert stats["computed"] == 0 and stats["cached"] == 3
+    assert fetched == [], "a cache hit never fetches (dequantizes, moves) the weight"
     _assert_same(first, second)
     for name, w in _weights().items():
         _assert_same({name: second[name]}, {name: top_singular(w, RANKS[name])})
@@ -133,9 +145,10 @@ def test_changing_one_weight_recomputes_exactly_one(tmp_path):
 
 def test_same_values_other_dtype_is_another_entry(tmp_path):
     w = torch.randn(8, 8)
-    assert weight_digest(w) != weight_digest(w.to(torch.float16))
-    assert weight_digest(w) == weight_digest(w.clone())
-    assert weight_digest(w) != weight_digest(w.reshape(4, 16))
+    assert tensor_digest(w) != tensor_digest(w.to(torch.float16))
+    assert tensor_digest(w) == tensor_digest(w.clone())
+    assert tensor_digest(w) != tensor_digest(w.reshape(4, 16))
+    assert tensor_digest(w) != tensor_digest("scaled_fp8", w)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign_tensors", "wrong_shapes"])
@@ -144,7 +157,7 @@ def test_corrupt_cache_entry_is_ignored_and_recomputed(tmp_path, damage):
 
     cache = SVDCache(tmp_path / "svd")
     first, _ = _run(cache)
-    victim = os.path.join(cache.directory, f"{weight_digest(_weights()['a'])}-r{RANKS['a']}.safetensors")
+    victim = os.path.join(cache.directory, f"{tensor_digest(_weights()['a'])}-r{RANKS['a']}.safetensors")
     assert os.path.exists(victim)
     if damage == "garbage":
         with open(victim, "wb") as f:
@@ -175,5 +188,28 @@ def test_no_cache_directory_always_computes(tmp_path):
 
 def test_progress_reports_every_layer(tmp_path):
     calls = []
-    base_triplets(_weights(), RANKS, SVDCache(tmp_path), progress=lambda i, n: calls.append((i, n)))
+    base_triplets(_jobs(_weights()), SVDCache(tmp_path), progress=lambda i, n: calls.append((i, n)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_one_weight_at_a_time():
+    """Each weight is fetched only when its layer is decomposed and is no longer referenced after it."""
+    import gc
+    import weakref
+
+    alive = []
+
+    def fetch(seed):
+        w = torch.randn(64, 32, generator=torch.Generator().manual_seed(seed))
+        alive.append(weakref.ref(w))
+        assert sum(r() is not None for r in alive) == 1, "the previous layer's weight is still held"
+        return w
+
+    jobs = [BaseJob(f"l{i}", 4, (64, 32), lambda: "", lambda i=i: fetch(i)) for i in range(5)]
+
+    def progress(done, total):
+        gc.collect()
+
+    out = base_triplets(jobs, None, progress)
+    gc.collect()
+    assert len(out) == 5 and all(r() is None for r in alive)

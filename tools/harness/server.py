@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +31,21 @@ def comfy_path() -> Path:
     if not (p / "main.py").is_file():
         raise RuntimeError(f"no ComfyUI at {p}: run `bash scripts/setup_host.sh` or set COMFYUI_PATH")
     return p
+
+
+def host_version(path: Path | None = None) -> str:
+    """The ComfyUI version of a host (`comfyui_version.py`), e.g. "0.3.75"."""
+    text = ((path or comfy_path()) / "comfyui_version.py").read_text()
+    m = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return m.group(1) if m else "unknown"
+
+
+def frontend_root(path: Path | None = None) -> Path | None:
+    """The frontend this host pins, where scripts/setup_host.sh installed it for the host (.host/frontend/<v>)."""
+    req = (path or comfy_path()) / "requirements.txt"
+    m = re.search(r"^comfyui-frontend-package==([\d.]+)", req.read_text() if req.is_file() else "", re.M)
+    static = ROOT / ".host" / "frontend" / (m.group(1) if m else "-") / "comfyui_frontend_package" / "static"
+    return static if m and static.is_dir() else None
 
 
 def venv_python() -> str:
@@ -90,6 +106,9 @@ class ComfyServer:
         cmd = [venv_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
+        web = frontend_root(comfy)
+        if web is not None:
+            cmd += ["--front-end-root", str(web)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in self.env.items()}}
         self._logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=comfy, env=env, stdout=self._logf, stderr=subprocess.STDOUT,

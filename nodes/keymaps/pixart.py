@@ -1,0 +1,24 @@
+"""PixArt Alpha / Sigma: ComfyUI maps their diffusers names only as `transformer.<name>` (and two PEFT prefixes)
+through `comfy.utils.pixart_to_diffusers`; the same map, sized by the model's own hidden width, gives the
+SimpleTuner `lycoris_`, OneTrainer and bare spellings here. Fused weights: self-attention q / k / v are row blocks
+of `attn.qkv`, cross-attention k / v of `cross_attn.kv_linear`."""
+
+from __future__ import annotations
+
+import comfy.utils
+
+from .common import put
+
+# only PixArt's own names: its blocks' Linear names (attn1, attn2, ff.net) are LTX-Video's too
+HINTS = ((r"adaln_single|cross_attn[._](kv|q)_linear", "PixArt"),)
+
+
+def add_keys(model, key_map: dict) -> None:
+    """Every weight of ComfyUI's PixArt diffusers map (depth and hidden width from the model's config)."""
+    diffusers = comfy.utils.pixart_to_diffusers(model.model_config.unet_config, output_prefix="diffusion_model.")
+    for name, target in diffusers.items():
+        if name.endswith(".weight"):
+            put(key_map, name[: -len(".weight")], target)
+
+
+EXTRA = {"PixArt": add_keys}

@@ -1,0 +1,113 @@
+"""What a load costs, counted (not timed): a re-execution with other sliders or strength does no hashing and no SVD;
+an edited sidecar changes the schedule; a weight rewritten in place is noticed and only its layer is decomposed
+again; the first load holds one layer's working set at a time, whatever the number of layers (peak RSS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tools import tiny_models as tm
+from tools.families import FAMILIES
+from tools.harness.inproc import import_pack
+from tools.harness.server import ROOT, comfy_path, venv_python
+
+R = 8
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return import_pack()
+
+
+@pytest.fixture
+def setup(pack, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLORA_CACHE_DIR", str(tmp_path / "svd_cache"))
+    twin = FAMILIES["sdxl"].build(41)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    tm.write_lycoris_tlora(twin.diffusers, path, R, R, seed=3, strength=0.5).restore()
+    return twin.patcher, path
+
+
+def _apply(pack, patcher, path, strength=1.0, min_rank=1, alpha=1.0):
+    apply = pack.nodes.apply
+    tl = apply.read_file(str(path), False)
+    r, mr, al, _ = pack.nodes.loader.resolve_schedule(tl, "file", 0, min_rank, alpha)
+    return apply.apply_tlora(patcher, tl, apply.Settings(strength, r, mr, al))[1]
+
+
+def test_rerun_with_other_sliders_does_no_hashing_and_no_svd(pack, setup):
+    patcher, path = setup
+    stats = pack.nodes.bases.stats
+    _apply(pack, patcher, path)
+    first = dict(stats)
+    assert first["svd"] > 0
+    for strength, min_rank, alpha in ((0.5, 1, 1.0), (1.0, 4, 2.0), (-1.0, 2, 0.5)):
+        app = _apply(pack, patcher, path, strength, min_rank, alpha)
+        assert (app.state.min_rank, app.state.alpha) == (min_rank, alpha)
+    assert stats["svd"] == first["svd"] and stats["digests"] == first["digests"]
+    assert stats["reused"] == first["reused"] + 3
+
+
+def test_edited_sidecar_changes_the_schedule_at_the_next_run(pack, setup):
+    patcher, path = setup
+    sidecar = path.parent / "lycoris_config.json"
+    sidecar.write_text(json.dumps({"algo": "tlora", "tlora_min_rank": 2, "tlora_alpha": 1.5}))
+    assert (_apply(pack, patcher, path).state.min_rank, _apply(pack, patcher, path).state.alpha) == (2, 1.5)
+    before = dict(pack.nodes.bases.stats)
+    time.sleep(0.01)  # a new mtime
+    sidecar.write_text(json.dumps({"algo": "tlora", "tlora_min_rank": 5, "tlora_alpha": 0.5}))
+    app = _apply(pack, patcher, path)
+    assert (app.state.min_rank, app.state.alpha) == (5, 0.5)
+    # the file is read again, but the weights are the same: no hashing, no SVD
+    stats = pack.nodes.bases.stats
+    assert stats["svd"] == before["svd"] and stats["digests"] == before["digests"]
+    key = pack.nodes.apply.file_key(str(path))
+    assert any(str(sidecar) in str(part) for part in key)  # what fingerprint_inputs hands ComfyUI's cache too
+
+
+def test_weight_rewritten_in_place_is_noticed(pack, setup):
+    """ComfyUI copies weights with `param.data.copy_` (identity and version unchanged): the sampled content key
+    still sees the change, and only that layer is hashed and decomposed again."""
+    patcher, path = setup
+    stats = pack.nodes.bases.stats
+    _apply(pack, patcher, path)
+    before = dict(stats)
+    tl = pack.nodes.apply.read_file(str(path), False)
+    target = pack.nodes.plan.plan(patcher, tl).targets[5]
+    import comfy.utils
+
+    w = comfy.utils.get_attr(patcher.model, target.key)
+    with torch.no_grad():
+        w.data.copy_(w.data * 1.01)
+    _apply(pack, patcher, path)
+    assert stats["digests"] == before["digests"] + 1 and stats["svd"] == before["svd"] + 1
+
+
+def _first_load(layers: int) -> dict:
+    """tools.loadprobe in a fresh process: nothing else ever allocated there, so its RSS growth is the load's."""
+    env = {**os.environ, "COMFYUI_PATH": str(comfy_path())}
+    res = subprocess.run([venv_python(), "-m", "tools.loadprobe", "--layers", str(layers)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_first_load_memory_does_not_grow_with_the_number_of_layers():
+    """A rank-64 LyCORIS T-LoRA on SDXL-shaped Linears (1280x1280 ... 10240x1280), empty SVD cache: the first load
+    holds the working set of the layers decomposed at once (one per worker: a core each) plus the small factors it
+    keeps, for 8 layers as for 32."""
+    runs = [_first_load(n) for n in (8, 32)]
+    for r in runs:
+        print(f"{r['layers']} layers, {r['workers']} at once: peak RSS growth {r['peak_rss_growth'] / 2**20:.0f} "
+              f"MiB (factors {r['factors'] / 2**20:.0f} MiB, one layer's fp64 working set "
+              f"{r['working_set'] / 2**20:.0f} MiB)")
+        assert r["ready"] == r["layers"]
+        assert r["peak_rss_growth"] <= (r["workers"] + 1) * r["working_set"] + r["factors"], r
+    small, big = (r["peak_rss_growth"] - r["factors"] for r in runs)
+    assert big <= small + runs[0]["working_set"], "the working set grows with the number of layers"

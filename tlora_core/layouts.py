@@ -1,0 +1,220 @@
+"""Tensor layouts of T-LoRA files, and how each becomes `ModuleAdapter`s (see docs/formats.md).
+
+  lycoris_tlora     SimpleTuner / LyCORIS `algo=tlora`: q_layer, p_layer, lambda_layer, alpha. The SVD base is
+                    rebuilt from the model's weight at load, unless the file is self-contained (it then also
+                    holds base_q, base_p, base_lambda, written by this pack's "Save T-LoRA with base").
+  official_ortho    ControlGenAI/T-LoRA SDXL Ortho: q/p/lambda plus base_q, base_p, base_lambda; scale 1.
+  official_vanilla  ControlGenAI/T-LoRA vanilla (SDXL safetensors or Flux lora.pt): down, up; scale 1.
+  kohya, peft       vanilla T-LoRAs saved in standard LoRA layouts (lora_down/lora_up/alpha, lora_A/lora_B).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+
+from .adapter import ORTHO, VANILLA, ModuleAdapter
+from .errors import TLoRAError
+from .svd import tensor_digest
+
+LYCORIS = "lycoris_tlora"
+OFFICIAL_ORTHO = "official_ortho"
+OFFICIAL_VANILLA = "official_vanilla"
+KOHYA = "kohya"
+PEFT = "peft"
+STANDARD_LAYOUTS = (KOHYA, PEFT)
+
+# How a format spells module names, for the ComfyUI key mapping.
+NAMING = {
+    LYCORIS: "lycoris",  # lycoris_<diffusers path, '.' -> '_'>
+    OFFICIAL_ORTHO: "diffusers",  # dotted diffusers module path
+    OFFICIAL_VANILLA: "diffusers",
+    KOHYA: "kohya",  # lora_unet_... / lycoris_... stems as written
+    PEFT: "diffusers",
+}
+
+# text-encoder modules: kohya / LyCORIS `lora_te_`, `lora_te1_`, `lycoris_te2_`, ..., diffusers `text_encoder(_2).`;
+# a separator is required: `lycoris_text_transformer_blocks_0` is a Kandinsky 5 transformer module
+_TEXT_ENCODER = re.compile(r"^((lora|lycoris)_te\d?_|text_encoder(_\d)?[._]|te\d?_)")
+
+# official repo processor names -> diffusers module names
+_OFFICIAL_PROC = {
+    "to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0",
+    "to_q_proj_lora": "add_q_proj", "to_k_proj_lora": "add_k_proj", "to_v_proj_lora": "add_v_proj",
+}
+
+# tensor suffix -> (layout family, role)
+SUFFIXES = {
+    ".q_layer.weight": ("ortho", "q"), ".p_layer.weight": ("ortho", "p"), ".lambda_layer": ("ortho", "lam"),
+    ".base_q.weight": ("ortho", "q0"), ".base_p.weight": ("ortho", "p0"), ".base_lambda": ("ortho", "lam0"),
+    ".base_lambda.weight": ("ortho", "lam0"),
+    ".base_q": ("ortho", "q0"), ".base_p": ("ortho", "p0"),  # a self-contained LyCORIS file (LyCORIS' buffer names)
+    ".down.weight": (OFFICIAL_VANILLA, "down"), ".up.weight": (OFFICIAL_VANILLA, "up"),
+    ".lora_down.weight": (KOHYA, "down"), ".lora_up.weight": (KOHYA, "up"),
+    ".lora_A.weight": (PEFT, "down"), ".lora_B.weight": (PEFT, "up"),
+    ".alpha": ("", "alpha"),
+}
+_BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
+BASE_SUFFIXES = (".base_q", ".base_p", ".base_lambda")  # what a self-contained LyCORIS file adds
+
+Group = dict[str, torch.Tensor]
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(module name, suffix) of a tensor name, or None for a name no layout uses."""
+    for suffix in _BY_LENGTH:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return None
+
+
+def group_tensors(sd: dict[str, torch.Tensor]) -> tuple[dict[str, Group], set[str], list[str]]:
+    """({module: {role: tensor}}, layout families present, unknown tensor names)."""
+    groups: dict[str, Group] = {}
+    families: set[str] = set()
+    unknown = []
+    for key, t in sd.items():
+        split = split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        name, suffix = split
+        family, role = SUFFIXES[suffix]
+        groups.setdefault(name, {})[role] = t
+        if family:
+            families.add(family)
+    return groups, families, unknown
+
+
+def format_of(family: str, groups: dict[str, Group]) -> str:
+    """The file format of an ortho / vanilla / standard layout family."""
+    if family == "ortho":
+        return OFFICIAL_ORTHO if any(".processor." in n for n in groups) else LYCORIS
+    return family
+
+
+def stored_base_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Digest of a self-contained file's stored-base tensors, in name order."""
+    names = sorted(k for k in tensors if k.endswith(BASE_SUFFIXES))
+    return tensor_digest(*[part for k in names for part in (k, tensors[k])])
+
+
+def is_text_encoder(name: str) -> bool:
+    return _TEXT_ENCODER.match(name) is not None
+
+
+def _tensor(path: str, name: str, g: Group, role: str) -> torch.Tensor:
+    t = g.get(role)
+    if t is None:
+        raise TLoRAError(path, f"module '{name}' has no '{role}' tensor (incomplete or mixed-up file)")
+    if not t.is_floating_point():
+        raise TLoRAError(path, f"module '{name}': tensor '{role}' is {t.dtype}, expected floating point")
+    if not torch.isfinite(t).all():
+        raise TLoRAError(path, f"module '{name}': tensor '{role}' contains NaN or Inf")
+    return t
+
+
+def _matrix(path: str, name: str, role: str, t: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """(R, in) / (out, R) of a linear or 1x1-conv factor, and whether it was a conv; None for k>1 convs."""
+    if t.ndim == 2:
+        return t, False
+    if t.ndim == 4 and tuple(t.shape[2:]) == (1, 1):
+        return t.reshape(t.shape[0], t.shape[1]), True
+    if t.ndim in (3, 4, 5):
+        return None, True
+    raise TLoRAError(path, f"module '{name}': tensor '{role}' has unexpected shape {tuple(t.shape)}")
+
+
+def _check_rank(path: str, name: str, down: torch.Tensor, up: torch.Tensor, *extra: torch.Tensor) -> int:
+    r = int(down.shape[0])
+    if up.shape[1] != r or any(e.numel() != r for e in extra):
+        shapes = ", ".join(str(tuple(x.shape)) for x in (down, up, *extra))
+        raise TLoRAError(path, f"module '{name}': rank differs across its tensors ({shapes})")
+    if r < 1:
+        raise TLoRAError(path, f"module '{name}': rank 0")
+    return r
+
+
+def _alpha(path: str, name: str, t: torch.Tensor | None, rank: int) -> float:
+    if t is None:
+        return float(rank)
+    if t.numel() != 1:
+        raise TLoRAError(path, f"module '{name}': 'alpha' must be one finite number, got shape {tuple(t.shape)}")
+    value = float(t.reshape(()).item())
+    if not math.isfinite(value):
+        raise TLoRAError(path, f"module '{name}': 'alpha' must be one finite number, got {value}")
+    return value
+
+
+def official_target(name: str) -> str | None:
+    """The diffusers module an official-repo processor LoRA patches (`...processor.to_q_lora` -> `...to_q`)."""
+    name = re.sub(r"^(unet|transformer)\.", "", name)
+    m = re.match(r"^(.*)\.processor\.([a-z_]+)$", name)
+    if not m or m.group(2) not in _OFFICIAL_PROC:
+        return None
+    return f"{m.group(1)}.{_OFFICIAL_PROC[m.group(2)]}"
+
+
+def build(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
+    """The adapter of one module (None when it is skipped, with the reason in `skipped`)."""
+    if fmt in (LYCORIS, OFFICIAL_ORTHO):
+        return _ortho(path, fmt, name, g, skipped)
+    return _vanilla(path, fmt, name, g, skipped)
+
+
+def _ortho(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
+    lam = _tensor(path, name, g, "lam").reshape(-1)
+    q, conv_q = _matrix(path, name, "q_layer.weight", _tensor(path, name, g, "q"))
+    p, conv_p = _matrix(path, name, "p_layer.weight", _tensor(path, name, g, "p"))
+    if q is None or p is None:
+        skipped[name] = "convolution with kernel > 1 (LyCORIS tlora cannot run these either)"
+        return None
+    r = _check_rank(path, name, q, p, lam)
+    base = _ortho_base(path, name, g, q, p) if fmt == OFFICIAL_ORTHO or "q0" in g else {}
+    if fmt == LYCORIS:
+        alpha = _alpha(path, name, g.get("alpha"), r)
+        return ModuleAdapter(name=name, kind=ORTHO, up=p, down=q, lam=lam, scale=(alpha or r) / r, svd_base=True,
+                             conv=conv_q or conv_p, **base)
+    target = official_target(name)
+    if target is None:
+        skipped[name] = "not a processor LoRA name of the official repo"
+        return None
+    return ModuleAdapter(name=target, kind=ORTHO, up=p, down=q, lam=lam, scale=1.0, **base)
+
+
+def _ortho_base(path: str, name: str, g: Group, q: torch.Tensor, p: torch.Tensor) -> dict[str, Any]:
+    q0, _ = _matrix(path, name, "base_q.weight", _tensor(path, name, g, "q0"))
+    p0, _ = _matrix(path, name, "base_p.weight", _tensor(path, name, g, "p0"))
+    lam0 = _tensor(path, name, g, "lam0").reshape(-1)
+    if q0 is None or p0 is None or q0.shape != q.shape or p0.shape != p.shape:
+        raise TLoRAError(path, f"module '{name}': base factors {tuple(g['q0'].shape)}/{tuple(g['p0'].shape)} "
+                               f"do not match trained factors {tuple(q.shape)}/{tuple(p.shape)}")
+    _check_rank(path, name, q0, p0, lam0)
+    return {"base_up": p0, "base_down": q0, "base_lam": lam0}
+
+
+def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
+    down, conv_d = _matrix(path, name, "down", _tensor(path, name, g, "down"))
+    up, conv_u = _matrix(path, name, "up", _tensor(path, name, g, "up"))
+    if down is None or up is None:
+        skipped[name] = "convolution with kernel > 1 is not supported for T-LoRA"
+        return None
+    r = _check_rank(path, name, down, up)
+    if fmt == OFFICIAL_VANILLA:
+        target = official_target(name)
+        if target is None:
+            skipped[name] = "not a processor LoRA name of the official repo"
+            return None
+        if name.startswith(("single_transformer_blocks.", "transformer.single_transformer_blocks.")) and \
+                target.endswith(("add_q_proj", "add_k_proj", "add_v_proj", "to_out.0")):
+            skipped[name] = "unused by the official Flux forward (single blocks have no context or out projection)"
+            return None
+        return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=1.0)
+    if fmt == KOHYA:
+        alpha = _alpha(path, name, g.get("alpha"), r)
+        return ModuleAdapter(name=name, kind=VANILLA, up=up, down=down, scale=alpha / r, conv=conv_d or conv_u)
+    target = re.sub(r"^(base_model\.model\.|unet\.|transformer\.|diffusion_model\.)", "", name)
+    return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=1.0, conv=conv_d or conv_u)

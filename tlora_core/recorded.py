@@ -1,0 +1,126 @@
+"""What a T-LoRA file records about itself: its schedule (min_rank, alpha) and whether it says it is a T-LoRA.
+
+First found wins: the file's metadata (a `lycoris_config` JSON or top-level `tlora_*` keys), then a SimpleTuner
+`lycoris_config.json` (or `<name>.json`) beside the file, then the official repo's `hparams.yml` beside it or up.
+`sidecars(path)` lists the files that can change the answer, so caches can key on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from typing import Any
+
+log = logging.getLogger("tlora.recorded")
+
+Recorded = dict[str, tuple[float, str]]  # field -> (value, where it was found)
+
+META_KEYS = {
+    "max_rank": ("linear_dim", "tlora_max_rank", "max_rank", "rank"),
+    "min_rank": ("tlora_min_rank", "min_rank"),
+    "alpha": ("tlora_alpha",),
+}
+_JSON_CONFIGS = ("lycoris_config", "tlora_config", "training_config", "ss_network_args")
+# descriptive metadata fields that may name the method; free text elsewhere (captions, tags, paths) never counts
+_NAMING_FIELDS = ("algo", "lora_type", "network_type", "trainer", "ss_network_module", "modelspec.title",
+                  "modelspec.architecture", "modelspec.description")
+_TLORA_WORD = re.compile(r"(?<![a-z0-9])t-?lora(?![a-z0-9])", re.I)
+
+
+def _json_configs(metadata: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for k in _JSON_CONFIGS:
+        raw = metadata.get(k)
+        if not raw:
+            continue
+        try:
+            cfg = json.loads(raw)
+        except (ValueError, RecursionError):
+            log.warning("metadata '%s' is not JSON; ignored", k)
+            continue
+        if isinstance(cfg, dict):
+            out.append((k, cfg))
+    return out
+
+
+def says_tlora(metadata: dict[str, str]) -> bool:
+    """Whether the metadata marks the file as a T-LoRA: a `tlora_*` setting, `algo: tlora` in a training config,
+    or the word T-LoRA in a field that names the method (not in captions, tags or file names)."""
+    configs = [cfg for _, cfg in _json_configs(metadata)]
+    keys = list(metadata) + [k for cfg in configs for k in cfg]
+    if any(str(k).lower().startswith("tlora_") for k in keys):
+        return True
+    if any(str(cfg.get("algo", "")).lower() in ("tlora", "t-lora") for cfg in configs):
+        return True
+    return any(_TLORA_WORD.search(str(metadata.get(f, ""))) for f in _NAMING_FIELDS)
+
+
+def _pick(source: dict[str, Any], where: str, out: Recorded) -> None:
+    for field_name, keys in META_KEYS.items():
+        if field_name in out:
+            continue
+        for k in keys:
+            try:
+                num = float(source[k])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if math.isfinite(num):
+                out[field_name] = (int(num) if field_name != "alpha" else num, where)
+                break
+
+
+def sidecars(path: str) -> list[str]:
+    """The sidecar files that exist for a T-LoRA file, in the order they are read."""
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    found = []
+    for cand in (f"{stem}.lycoris_config.json", f"{stem}.json", "lycoris_config.json"):
+        if os.path.isfile(os.path.join(folder, cand)):
+            found.append(os.path.join(folder, cand))
+            break
+    for cand in ("hparams.yml", os.path.join("..", "hparams.yml"), os.path.join("..", "logs", "hparams.yml")):
+        if os.path.isfile(os.path.join(folder, cand)):
+            found.append(os.path.normpath(os.path.join(folder, cand)))
+            break
+    return found
+
+
+def recorded_schedule(path: str, metadata: dict[str, str], sidecar: bool = True) -> Recorded:
+    """Schedule values the file records: field -> (value, source)."""
+    found: Recorded = {}
+    for k, cfg in _json_configs(metadata):
+        _pick(cfg, f"metadata '{k}'", found)
+    _pick({k: v for k, v in metadata.items() if any(k in keys for keys in META_KEYS.values())}, "metadata", found)
+    for sc in sidecars(path) if sidecar else []:
+        name = os.path.relpath(sc, os.path.dirname(os.path.abspath(path)))
+        _pick(_read_sidecar(sc), f"sidecar {name}", found)
+    return found
+
+
+def _read_sidecar(path: str) -> dict[str, Any]:
+    if path.endswith(".yml"):
+        return _simple_yaml(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning("ignoring unreadable sidecar %s: %s", path, e)
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _simple_yaml(path: str) -> dict[str, Any]:
+    """Top-level `key: value` scalars of a small YAML file (no YAML dependency in the core)."""
+    out: dict[str, Any] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = re.match(r"^\s*([A-Za-z_][\w]*)\s*:\s*([^#\s][^#]*?)\s*(?:#.*)?$", line)
+                if m:
+                    out.setdefault(m.group(1), m.group(2).strip("'\""))
+    except (OSError, ValueError):  # unreadable, or not UTF-8 text
+        pass
+    return out
