@@ -47,7 +47,9 @@ MODES = {
     "tiny": dict(spec=TINY_SPEC, device="cpu", dtype="float32", latent=32, batch=2, steps=25, rank=16, repeats=5),
     "sdxl": dict(spec=SDXL_SPEC, device="cuda", dtype="bfloat16", latent=128, batch=2, steps=25, rank=64, repeats=2),
 }
-TINY_SHAPE = dict(spec=tm.SMALL_SPECS["sdxl"], latent=16, steps=6, rank=8, repeats=1)  # --sdxl --tiny-shape
+# --sdxl --tiny-shape: the --sdxl code path at a size that runs in seconds on a CPU (smoke test)
+SMOKE_SPEC = tm.UNetSpec((32, 64), 2, (0, 2), (0, 2), 2, 32, head_channels=16, linear_proj=True, pooled_dim=32)
+TINY_SHAPE = dict(spec=SMOKE_SPEC, latent=16, steps=6, rank=8, repeats=1)
 CTX_LEN, MIN_RANK, ALPHA, STRENGTH, WARMUP = 77, 1, 1.0, 0.3, 2
 VARIANTS = ("base", "static_merge", "tlora", "diffusers_base", "lycoris")
 
@@ -162,13 +164,14 @@ def make_lycoris(twin, rank: int, dev, path, pack_svd: bool, strength=STRENGTH, 
     import lycoris.modules.tlora as ly
     from lycoris import LycorisNetwork, create_lycoris
 
-    from tlora_core.svd import SVDCache, base_triplets
+    from tlora_core.svd import BaseJob, SVDCache, base_triplets, tensor_digest
 
     cache = SVDCache(os.environ.get("TLORA_CACHE_DIR"))
 
     def init_from_pack(self, org_module, in_dim, out_dim, flat_in_dim):  # fills the pack's cache on the way
         w = org_module.weight.detach()
-        u, s, v = base_triplets({"w": w}, {"w": self.lora_dim}, cache)["w"]
+        job = BaseJob("w", self.lora_dim, (w.shape[0], w[0].numel()), lambda: tensor_digest(w), lambda: w)
+        u, s, v = base_triplets([job], cache)["w"]
         self.q_layer.weight.data, self.p_layer.weight.data = v.T.contiguous(), u.contiguous()
         self.lambda_layer.data = s[None].contiguous()
 
@@ -203,7 +206,7 @@ def static_lora_patches(comfy, app):
     """The whole T-LoRA (all ranks) as a plain LoRA state dict, loaded with comfy.lora.load_lora like LoraLoader."""
     sd, key_map = {}, {}
     for path, slot in app.bindings:
-        down, up_t, k = slot.adapter.prefix_factors(strength=slot.strength)  # delta = up_t.T @ down, fp32
+        down, up_t, k = slot.factors.adapter.prefix_factors(strength=slot.strength)  # delta = up_t.T @ down
         name = path.replace(".", "_")
         sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"] = up_t.T.contiguous(), down
         sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha / rank = 1
@@ -272,7 +275,7 @@ def setup(args):
     import comfy.patcher_extension
     import comfy.samplers
 
-    from tlora_core import load_tlora
+    load_tlora = pack.tlora_core.load_tlora
 
     cfg = dict(MODES[args.mode])
     if args.tiny_shape:
@@ -305,16 +308,21 @@ def setup(args):
     timed_name = "f32" if m.timed is m.f32 else "lo"
     tl = load_tlora(tmp / "tlora.safetensors")
     load = {}
-    apply = pack.nodes.apply.apply_tlora
+    settings = pack.nodes.apply.Settings(1.0, rank, MIN_RANK, ALPHA)
+
+    def apply(patcher, t):
+        return pack.nodes.apply.apply_tlora(patcher, t, settings)
+
     t0 = time.perf_counter()
-    clone_c, app = apply(patchers[timed_name], tl, 1.0, rank, MIN_RANK, ALPHA)
+    clone_c, app = apply(patchers[timed_name], tl)
     load["tlora_apply_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    apply(patchers[timed_name], tl, 1.0, rank, MIN_RANK, ALPHA)
-    load["tlora_apply_again_s"] = time.perf_counter() - t0  # SVD base from the cache
-    based = dataclasses.replace(tl, modules={s.adapter.name: s.adapter for _, s in app.bindings})
+    apply(patchers[timed_name], tl)
+    load["tlora_apply_again_s"] = time.perf_counter() - t0  # the same file on the same model: in-process memo
+    # the same adapters with their base, on the other model (its weights are the same values in another dtype)
+    based = dataclasses.replace(tl, modules={s.factors.adapter.name: s.factors.adapter for _, s in app.bindings})
     other = "lo" if timed_name == "f32" else "f32"
-    clone_o, app_o = apply(patchers[other], based, 1.0, rank, MIN_RANK, ALPHA)
+    clone_o, app_o = apply(patchers[other], based)
     clones, apps = {timed_name: clone_c, other: clone_o}, {timed_name: app, other: app_o}
     clone_b = patchers[timed_name].clone()
     clone_b.add_patches(static_lora_patches(comfy, app), 1.0)
@@ -454,12 +462,12 @@ def delta_errors(s, factor_fns=None, dtype=torch.bfloat16, rows=64):
     factor_fns = factor_fns or {"current": None}
     errs = {n: [] for n in factor_fns}
     for _, slot in s.app.bindings:
-        x = torch.randn(rows, slot.adapter.in_features, generator=g).to(s.dev, dtype)
-        d64, u64, k64 = slot.adapter.prefix_factors(torch.float64, s.dev, slot.strength)  # uncached, on device
+        x = torch.randn(rows, slot.factors.adapter.in_features, generator=g).to(s.dev, dtype)
+        d64, u64, k64 = slot.factors.adapter.prefix_factors(torch.float64, s.dev, slot.strength)  # uncached
         for r in sorted({1, slot.rank // 2, slot.rank}):
             ref = (x.double() @ d64[: k64 * r].T) @ u64[: k64 * r]
             for name, fn in factor_fns.items():
-                down, up_t, k = (fn or type(slot).factors)(slot, dtype, s.dev)
+                down, up_t, k = fn(slot, dtype, s.dev) if fn else slot.factors.get(dtype, torch.device(s.dev))
                 errs[name].append(rel_err((x @ down[: k * r].T) @ up_t[: k * r], ref))
     out = {n: {"median": e[len(e) // 2], "p90": e[int(0.9 * len(e))], "max": e[-1]}
            for n, e in ((n, sorted(e)) for n, e in errs.items())}
@@ -497,9 +505,10 @@ def main(argv=None):
     def nbytes(ts):
         return sum(t.numel() * t.element_size() for t in ts)
 
-    adapters = [sl.adapter for _, sl in s.app.bindings]
+    adapters = [sl.factors.adapter for _, sl in s.app.bindings]
     memory = {
-        "adapter_factor_bytes": nbytes(t for _, sl in s.app.bindings for t in sl.factors(s.timed_dtype, s.dev)[:2]),
+        "adapter_factor_bytes": nbytes(t for _, sl in s.app.bindings
+                                       for t in sl.factors.get(s.timed_dtype, torch.device(s.dev))[:2]),
         "adapter_source_bytes_host": nbytes({id(t): t for a in adapters for t in (
             a.up, a.down, a.lam, a.base_up, a.base_down, a.base_lam) if t is not None}.values()),
         "model_weight_bytes": nbytes(s.m.timed.diffusion_model.state_dict().values()),

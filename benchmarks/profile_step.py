@@ -2,16 +2,15 @@
 
 Same models as bench_step (`--tiny` on CPU by default). Parts:
   rank_cost    one model call at ranks 1, R/2, R vs the base call: fixed per-layer cost vs rank-proportional cost
-  slot_overhead  one layer on a 1-row input: alone, with the pack's slot, with the `lean` slot (per-slot host cost)
-  delta_precision  per layer: the adapter's own output in bf16 (current / stable factors) vs fp32
+  slot_overhead  one layer on a 1-row input: alone and with the pack's slot (per-slot host cost)
+  delta_precision  per layer: the adapter's own output in bf16 vs fp64
   cprofile     time in the pack's frames (forward wrapper, LayerSlot) per slot call vs torch calls
   ops          torch.profiler op counts and self time added by the T-LoRA at rank R
-  designs      whole-schedule ms/step of benchmark-only alternatives (monkeypatched here, nodes/ untouched):
-               current | lean (down-projection + in-place addmm, no separate add) | stable (same cost, factors
-               rewritten so bf16 never subtracts two large terms) | headtail (merge all ranks once
-               at r > R/2, then subtract the inactive tail) | remerge (add the newly active ranks into the weights
-               before each call, no per-layer work in the forward), each with its max relative error against the
-               fp32 reference.
+  designs      whole-schedule ms/step of the shipped slot design (`current`: a fused down-projection + in-place
+               addmm per layer, factors written so bf16 never subtracts two large terms) and of `remerge`, the
+               alternative for GPUs where per-layer launches dominate (before each call, add the newly active ranks
+               into the weights, fused rows and 1x1 convs included; no per-layer work in the forward; undone
+               exactly after), each with its max relative error against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,74 +57,17 @@ def sigma_for_rank(s, rank):
 
 
 # ------------------------------------------------------------------------------------------------ designs
-def _lean_call(self, x, y):
-    """Same maths as LayerSlot.__call__ for a plain linear slot, in two kernels: the down-projection, then one
-    in-place addmm that does the up-projection and the add (no separate `y + d` pass over the output)."""
-    st = self.state
-    r = self.rank if st.rank is None else min(st.rank, self.rank)
-    if r <= 0:
-        return y
-    down, up_t, k = self.factors(x.dtype, x.device)
-    n = k * r
-    h = F.linear(x, down[:n])
-    y.view(-1, y.shape[-1]).addmm_(h.view(-1, n), up_t[:n])  # y is this layer's fresh output: safe in place
-    return y
-
-
-def _stable_factors(self, dtype, device):
-    """LayerSlot.factors with each rank's pair of terms rewritten so that neither is large:
-        lam p q^T - lam0 p0 q0^T = (lam p)(q - q0)^T + (lam p - lam0 p0) q0^T
-    (q0, p0 sign-aligned to q; the identity holds for any sign). Same k = 2 rows per rank, same cost; the
-    per-rank difference is formed in fp32 before the cast, so bf16 no longer subtracts two large terms."""
-    cache = self.__dict__.setdefault("_bench_stable", {})
-    if (dtype, device) not in cache:
-        a, scale = self.adapter, self.adapter.scale * self.strength
-        lam, lam0 = a.lam.float().reshape(-1), a.base_lam.float().reshape(-1)
-        q, q0, p, p0 = a.down.float(), a.base_down.float(), a.up.float(), a.base_up.float()
-        sgn = torch.where((q * q0).sum(1) < 0, -1.0, 1.0)
-        q0, p0 = q0 * sgn[:, None], p0 * sgn[None, :]
-        down = torch.stack([q - q0, q0], 1).flatten(0, 1)
-        up_t = scale * torch.stack([(lam * p).T, (lam * p - lam0 * p0).T], 1).flatten(0, 1)
-        cache[(dtype, device)] = (down.to(device, dtype).contiguous(), up_t.to(device, dtype).contiguous(), 2)
-    return cache[(dtype, device)]
-
-
 def _add_ranks(model, slot, path, r0, r1, sign):
-    """weight += sign * delta of ranks r0..r1: one in-place addmm in the weight's dtype (fp32 accumulation)."""
+    """The layer's weight (its fused rows, a 1x1 conv's as a matrix) += sign * strength * delta of ranks r0..r1:
+    one in-place addmm in the weight's dtype."""
     if r1 <= r0:
         return
-    w = model.get_parameter(path + ".weight")
-    down, up_t, k = slot.factors(w.dtype, w.device)
-    w.data.addmm_(up_t[k * r0: k * r1].T, down[k * r0: k * r1], alpha=sign)
-
-
-class HeadTail:
-    """r <= R/2: bypass-add the active head. First call with r > R/2: all ranks merged into the weight (after
-    that call), later calls bypass-subtract the inactive tail r..R; cost per layer ~ min(r, R - r)."""
-
-    def __init__(self, app, model):
-        self.app, self.model = app, model
-        self.path = {id(slot): p for p, slot in app.bindings}
-
-    def __call__(self, slot, x, y):
-        r = slot.rank if slot.state.rank is None else min(slot.state.rank, slot.rank)
-        if not slot.__dict__.get("_bench_merged"):
-            y = _lean_call(slot, x, y)
-            if 2 * r > slot.rank:
-                _add_ranks(self.model, slot, self.path[id(slot)], 0, slot.rank, 1)
-                slot._bench_merged = True
-            return y
-        if r == slot.rank:
-            return y
-        down, up_t, k = slot.factors(x.dtype, x.device)
-        h = F.linear(x, down[k * r:])
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up_t[k * r:], alpha=-1).view(
-            y.shape)
-
-    def undo(self):
-        for p, slot in self.app.bindings:
-            if slot.__dict__.pop("_bench_merged", False):
-                _add_ranks(self.model, slot, p, 0, slot.rank, -1)
+    w = model.get_parameter(path + ".weight").data
+    rows = w.view(w.shape[0], -1)
+    if slot.out_slice is not None:
+        rows = rows.narrow(0, *slot.out_slice)
+    down, up_t, k = slot.factors.get(w.dtype, w.device)
+    rows.addmm_(up_t[k * r0: k * r1].T, down[k * r0: k * r1], alpha=sign * slot.strength)
 
 
 class Remerge:
@@ -154,18 +95,11 @@ def design(s, name, prec=None):
     prec = prec or s.timed_name
     app, model, clone = s.apps[prec], s.patchers[prec].model, s.clones[prec]
     slot_cls = type(app.bindings[0][1])
-    real_call, real_factors = slot_cls.__call__, slot_cls.factors
+    real_call = slot_cls.__call__
     wrappers = clone.wrappers[s.comfy.patcher_extension.WrappersMP.APPLY_MODEL][app.key]
     real_wrappers = list(wrappers)
     impl = None
-    if name == "lean":
-        slot_cls.__call__ = _lean_call
-    elif name == "stable":
-        slot_cls.factors = _stable_factors
-    elif name == "headtail":
-        impl = HeadTail(app, model)
-        slot_cls.__call__ = lambda slot, x, y: impl(slot, x, y)
-    elif name == "remerge":
+    if name == "remerge":
         impl = Remerge(app, model)
 
         def wrap(executor, x, t, *args, **kwargs):  # replaces the pack's APPLY_MODEL wrapper
@@ -181,12 +115,12 @@ def design(s, name, prec=None):
         if impl is not None:
             with torch.no_grad():
                 impl.undo()
-        slot_cls.__call__, slot_cls.factors, wrappers[:] = real_call, real_factors, real_wrappers
+        slot_cls.__call__, wrappers[:] = real_call, real_wrappers
 
 
 def designs(s, repeats):
     """Whole-schedule ms/step (min over rounds per step, averaged) and final-step error vs the fp32 reference."""
-    names = ("current", "lean", "stable", "headtail", "remerge")
+    names = ("current", "remerge")
     per = {n: [] for n in ("base", *names)}
     steps = len(s.sigmas) - 1
     for _ in range(repeats):
@@ -293,11 +227,12 @@ def ops_profile(s, sigma):
 
 
 def slot_overhead(s, n=2000):
-    """CPU time of one layer call on a 1-row input (so FLOPs vanish): the ComfyUI layer alone, with the pack's slot
-    (rank R), with the `lean` slot. The difference is the Python + dispatch cost per slot that every step pays
-    700 times at SDXL (on a GPU this is host time per layer, on top of the extra kernel launches)."""
-    path, slot = min(s.app.bindings, key=lambda b: b[1].adapter.in_features * b[1].adapter.out_features)
-    x = torch.randn(1, slot.adapter.in_features, device=s.dev, dtype=s.timed_dtype)
+    """CPU time of one layer call on a 1-row input (so FLOPs vanish): the ComfyUI layer alone and with the pack's
+    slot (rank R). The difference is the Python + dispatch cost per slot that every step pays 700 times at SDXL (on
+    a GPU this is host time per layer, on top of the extra kernel launches)."""
+    path, slot = min(s.app.bindings,
+                     key=lambda b: b[1].factors.adapter.in_features * b[1].factors.adapter.out_features)
+    x = torch.randn(1, slot.factors.adapter.in_features, device=s.dev, dtype=s.timed_dtype)
 
     def per_call(layer):
         with torch.no_grad():
@@ -319,12 +254,9 @@ def slot_overhead(s, n=2000):
     s.app.state.rank = slot.rank
     try:
         out["with_slot_us"] = per_call(layer)
-        with design(s, "lean"):
-            out["with_lean_slot_us"] = per_call(layer)
     finally:
         s.app.state.rank = None
     out["slot_overhead_us"] = out["with_slot_us"] - out["layer_alone_us"]
-    out["lean_slot_overhead_us"] = out["with_lean_slot_us"] - out["layer_alone_us"]
     return {k: round(v, 2) for k, v in out.items()}
 
 
@@ -364,7 +296,7 @@ def main(argv=None):
     if "slot_overhead" in parts:
         out["slot_overhead"] = slot_overhead(s)
     if "delta_precision" in parts:
-        out["delta_precision"] = delta_errors(s, {"current": None, "stable": _stable_factors})
+        out["delta_precision"] = delta_errors(s)
     if "cprofile" in parts:
         out["cprofile_rank_R"] = cprofile_call(s, sigma_for_rank(s, rank))
     if "ops" in parts:

@@ -76,6 +76,43 @@ def apply_text_encoder(clip, tl, strength: float):
     return out
 
 
+def _inputs() -> list:
+    """The node's inputs, each with its tooltip."""
+    return [
+        io.Model.Input("model", tooltip="The diffusion model to apply the T-LoRA to."),
+        io.Clip.Input("clip", optional=True,
+                      tooltip="Optional text encoder; text-encoder modules in the file are applied "
+                              "statically (they have no timestep)."),
+        io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                       tooltip="The T-LoRA file, from ComfyUI's models/loras folder."),
+        io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                       tooltip="How strongly to apply the T-LoRA to the diffusion model (1 = as trained)."),
+        io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                       tooltip="How strongly to apply text-encoder modules, if the file has any."),
+        io.Combo.Input("schedule_source", options=SCHEDULE_SOURCES, default="file",
+                       tooltip="file: use min_rank and alpha recorded in the file (metadata or a "
+                               "lycoris_config.json beside it) where it records them, else the sliders. "
+                               "sliders: always use the sliders. all_ranks: every rank at every step, "
+                               "what merging the LoRA does (for comparisons; images burn)."),
+        io.Int.Input("min_rank", default=1, min=1, max=1024, step=1, display_mode=io.NumberDisplay.slider,
+                     tooltip="Ranks active at the noisiest step (tlora_min_rank; the official recipe "
+                             "uses half the rank, e.g. 32 of 64)."),
+        io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
+                       display_mode=io.NumberDisplay.slider,
+                       tooltip="Schedule exponent (tlora_alpha): 1 = linear, > 1 keeps ranks off longer."),
+        io.Int.Input("max_rank", default=0, min=0, max=1024, step=1,
+                     tooltip="Rank the schedule ramps up to; 0 = the file's rank (linear_dim)."),
+        io.Combo.Input("timestep_mode", options=list(timesteps.MODES), default=timesteps.AUTO,
+                       tooltip="How sigma becomes the trainer's timestep. auto: flow models (SD3, Flux, "
+                               "Flux 2, Wan, ...) use int(sigma*1000), discrete models their own timestep, "
+                               "EDM models the SD/SDXL timestep of the same noise level."),
+        io.Boolean.Input("vanilla_tlora", default=False,
+                         tooltip="Accept a standard LoRA layout (kohya lora_down/lora_up, PEFT lora_A/B) "
+                                 "as a vanilla T-LoRA. Needed only when the file's metadata does not "
+                                 "say it is a T-LoRA."),
+    ]
+
+
 class TLoRALoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -87,39 +124,7 @@ class TLoRALoader(io.ComfyNode):
                          "sampler call only the first r(t) ranks are active, few at high noise, all at the end. "
                          "Reads SimpleTuner/LyCORIS 'tlora' files, the official T-LoRA repo's files and vanilla "
                          "T-LoRAs in standard LoRA layouts."),
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to apply the T-LoRA to."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="Optional text encoder; text-encoder modules in the file are applied "
-                                      "statically (they have no timestep)."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="The T-LoRA file, from ComfyUI's models/loras folder."),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="How strongly to apply the T-LoRA to the diffusion model (1 = as trained)."),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="How strongly to apply text-encoder modules, if the file has any."),
-                io.Combo.Input("schedule_source", options=SCHEDULE_SOURCES, default="file",
-                               tooltip="file: use min_rank and alpha recorded in the file (metadata or a "
-                                       "lycoris_config.json beside it) where it records them, else the sliders. "
-                                       "sliders: always use the sliders. all_ranks: every rank at every step, "
-                                       "what merging the LoRA does (for comparisons; images burn)."),
-                io.Int.Input("min_rank", default=1, min=1, max=1024, step=1, display_mode=io.NumberDisplay.slider,
-                             tooltip="Ranks active at the noisiest step (tlora_min_rank; the official recipe "
-                                     "uses half the rank, e.g. 32 of 64)."),
-                io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
-                               display_mode=io.NumberDisplay.slider,
-                               tooltip="Schedule exponent (tlora_alpha): 1 = linear, > 1 keeps ranks off longer."),
-                io.Int.Input("max_rank", default=0, min=0, max=1024, step=1,
-                             tooltip="Rank the schedule ramps up to; 0 = the file's rank (linear_dim)."),
-                io.Combo.Input("timestep_mode", options=list(timesteps.MODES), default=timesteps.AUTO,
-                               tooltip="How sigma becomes the trainer's timestep. auto: flow models (SD3, Flux, "
-                                       "Flux 2, Wan, ...) use int(sigma*1000), discrete models their own timestep, "
-                                       "EDM models the SD/SDXL timestep of the same noise level."),
-                io.Boolean.Input("vanilla_tlora", default=False,
-                                 tooltip="Accept a standard LoRA layout (kohya lora_down/lora_up, PEFT lora_A/B) "
-                                         "as a vanilla T-LoRA. Needed only when the file's metadata does not "
-                                         "say it is a T-LoRA."),
-            ],
+            inputs=_inputs(),
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the T-LoRA and its rank schedule."),
                 io.Clip.Output(display_name="CLIP", tooltip="The text encoder, with text-encoder modules if any."),
@@ -149,6 +154,11 @@ class TLoRALoader(io.ComfyNode):
                 pbar = comfy.utils.ProgressBar(total)
             pbar.update_absolute(done, total)
 
-        out_model, _ = apply_tlora(model, tl, Settings(strength_model, r, mr, al, timestep_mode), progress)
+        if tl.modules:
+            out_model, _ = apply_tlora(model, tl, Settings(strength_model, r, mr, al, timestep_mode), progress)
+        else:  # a file with text-encoder modules only
+            out_model = model
+            if clip is None:
+                raise TLoRAError(path, "holds text-encoder modules only: connect the clip input")
         out_clip = apply_text_encoder(clip, tl, strength_clip)
         return io.NodeOutput(out_model, out_clip)

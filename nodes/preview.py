@@ -141,5 +141,6 @@ class TLoRASchedulePreview(io.ComfyNode):
             table.update(sampler=sampler_name, scheduler=scheduler, steps=steps, denoise=denoise,
                          timestep_mode=timesteps.resolve(timestep_mode, ms)[0], simulated=simulated, calls=rows)
             calls = [(r["t"], r["rank"]) for r in rows]
-        image = plot(max_rank, min_rank, alpha, calls)
-        return io.NodeOutput(image, json.dumps(table), ui=ui.PreviewImage(image, cls=cls))
+        image, text = plot(max_rank, min_rank, alpha, calls), json.dumps(table)
+        # the plot and the table on the node itself, like ComfyUI's own preview outputs
+        return io.NodeOutput(image, text, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": [text]})

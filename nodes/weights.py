@@ -59,7 +59,7 @@ class LayerWeight:
             return f"gguf:{getattr(w.tensor_type, 'name', w.tensor_type)}"
         qt = _quantized_tensor_class()
         if qt is not None and isinstance(w, qt):
-            layout = getattr(w, "_layout_type", None) or getattr(w, "layout", None)  # 0.3.75 / comfy_kitchen
+            layout = getattr(w, "_layout_type", None) or getattr(w, "layout_cls", None)  # 0.3.75 / comfy_kitchen
             return f"quantized:{getattr(layout, '__name__', layout) or 'unknown'}"
         if getattr(self.module, "scale_weight", None) is not None:
             return "scaled_fp8"

@@ -49,9 +49,11 @@ MUTANTS = (
            "t = float(sigma) * MAX_TIMESTEP", "t = float(sigma) * (MAX_TIMESTEP - 1)", tuple(TIMESTEPS)),
     Mutant("sigma->t: flow rounded", "tlora_core/schedule.py",
            "return int(t) if integer else t", "return round(t) if integer else t", tuple(TIMESTEPS)),
-    Mutant("sigma->t: discrete from sigma*1000", "nodes/timesteps.py",
-           "if kind == \"flow\":\n        return schedule.FLOW", "if kind in (\"flow\", \"discrete\"):\n"
-           "        return schedule.FLOW", tuple(TIMESTEPS)),
+    Mutant("sigma->t: discrete models read as flow (sigma * 1000)", "nodes/timesteps.py",
+           "ts = model_sampling.timestep(sigma.detach()).float().reshape(-1).tolist()",
+           "ts = (sigma.detach() * 1000).float().reshape(-1).tolist()", tuple(TIMESTEPS)),
+    Mutant("sigma->t: EDM noise level mapped to the wrong end of the DDPM table", "nodes/timesteps.py",
+           "dists.abs().argmin(dim=0)", "dists.abs().argmax(dim=0)", ("tests/comfy/test_timesteps.py",)),
     # fused-weight row slices
     Mutant("slices: the slot adds into the wrong rows", "nodes/patcher.py",
            "y2 = y2.narrow(1, *self.out_slice)", "y2 = y2.narrow(1, self.out_slice[0] // 2, self.out_slice[1])",
@@ -67,8 +69,9 @@ MUTANTS = (
     Mutant("base: not subtracted", "tlora_core/adapter.py",
            "up_t = scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)",
            "up_t = scale * torch.stack([lp.T, lp.T], dim=1).flatten(0, 1)", tuple(UNIT)),
-    Mutant("base: SVD base from the wrong singular vectors", "tlora_core/svd.py",
-           "vecs = evecs[:, -k:].flip(1)", "vecs = evecs[:, :k]", tuple(UNIT)),
+    Mutant("base: SVD base from the smallest singular vectors", "tlora_core/lapack.py",
+           "il, iu, zero = c_int(n - k + 1), c_int(n), c_dbl(0.0)", "il, iu, zero = c_int(1), c_int(k), c_dbl(0.0)",
+           tuple(UNIT)),
     # the rest of the per-call path
     Mutant("strength ignored", "nodes/patcher.py", "y2.addmm_(h.reshape(-1, n), up_t[:n], alpha=self.strength)",
            "y2.addmm_(h.reshape(-1, n), up_t[:n])", ("tests/comfy/test_conformance.py",)),

@@ -76,3 +76,48 @@ def load(path: Path, kind: str, overrides: dict | None = None):
 
     with detection(overrides, None):
         return comfy.sd.load_diffusion_model(str(path), model_options=model_options(kind))
+
+
+def values(pack, loaded) -> dict[str, torch.Tensor]:
+    """The loaded model's parameters as the values it computes with (dequantized by the pack), fp32, by key."""
+    out = {}
+    for name, module in loaded.model.named_modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            key = f"{name}.{pname}"
+            if pname == "weight":
+                out[key] = pack.nodes.weights.layer_weight(loaded, key).dequantized("cpu")
+            elif p.is_floating_point():
+                out[key] = p.detach().float()
+    return out
+
+
+def reference(patcher, net, exact, stored_values, targets, x, sigma, conds, rank):
+    """(output, output without the T-LoRA) of `patcher`'s fp32 model holding `stored_values` (a loaded storage's
+    values), plus LyCORIS' exact masked delta at `rank` merged into each target (`net`: the LyCORIS network on the
+    twin; `exact`: its exact bases); the model's own values are restored afterwards."""
+    import comfy.utils
+
+    from tools.families.base import capture, lycoris_delta, set_bases
+
+    params = dict(patcher.model.named_parameters())
+    saved = {k: v.detach().clone() for k, v in params.items()}
+    loras = {lo.lora_name: lo for lo in net.loras}
+    try:
+        with torch.no_grad():
+            for k, v in stored_values.items():
+                if k in params and params[k].shape == v.shape:
+                    params[k].copy_(v)
+            base = capture(patcher, x, sigma, conds).out
+            set_bases(net, exact)
+            for t in targets:
+                w = comfy.utils.get_attr(patcher.model, t.key)
+                delta = lycoris_delta(loras[t.adapter.name], rank).to(w.dtype)
+                delta = t.reorder(delta) if t.reorder is not None else delta
+                rows = w if t.out_slice is None else w.narrow(0, *t.out_slice)
+                rows.add_(delta.reshape(rows.shape))
+            out = capture(patcher, x, sigma, conds).out
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].copy_(v)
+    return out, base

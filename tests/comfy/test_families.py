@@ -32,8 +32,10 @@ TIMESTEPS = (999, 750, 500, 250, 0)
 TOL = 1e-4  # relative (L2) error of the effect and of the output against LyCORIS, in fp32
 PEAK_TOL = 5e-4  # the effect's max |error| / max |reference|: fp32 round-off of single elements
 # LyCORIS builds its SVD base in float32 (terms off by ~3e-5); against LyCORIS with the exact base, what is left
-# is this pack's own fp32 round-off: the effect and each probed layer's addition
-EXACT_TOL = 1e-5
+# is fp32 round-off: this pack's (each probed layer's addition: ~3e-7) and the twins' (Wan's timestep sinusoids
+# differ by up to ~1e-5 between ComfyUI and diffusers)
+EXACT_TOL = 3e-5
+LAYER_TOL = 1e-5
 # families ComfyUI 0.3.75 lacks: they run on the newer hosts only
 NOT_IN_0_3_75 = {"longcat_image", "kandinsky5_image", "kandinsky5_video", "ltx2"}
 RESULTS: dict[str, dict] = {}
@@ -176,6 +178,6 @@ def test_family_matches_lycoris_at_every_timestep(pack, family, tmp_path):
         "max_output_error": max(result["output"].values()),
         "max_layer_error": max(result["layers"].values()), "per_timestep": result}
     print(family.name, json.dumps(RESULTS[family.name]["per_timestep"]))
-    for what, tol in (("effect", TOL), ("output", TOL), ("effect_exact", EXACT_TOL), ("layers", EXACT_TOL)):
+    for what, tol in (("effect", TOL), ("output", TOL), ("effect_exact", EXACT_TOL), ("layers", LAYER_TOL)):
         assert max(result[what].values()) < tol, f"{family.name}: {what} errors {result[what]}"
     assert max(result["effect_peak"].values()) < PEAK_TOL, result["effect_peak"]

@@ -21,7 +21,7 @@ from tests.conftest import ARTIFACTS
 from tools import storage
 from tools import tiny_models as tm
 from tools.families import FAMILIES
-from tools.families.base import capture, exact_bases, lycoris_delta, rel_l2, set_bases, sigma_for
+from tools.families.base import capture, exact_bases, rel_l2, sigma_for
 from tools.harness.inproc import import_pack
 from tools.harness.server import host_version
 
@@ -77,49 +77,6 @@ def setups(pack, tmp_path_factory):
         s["net"].restore()
 
 
-def _storage_values(pack, loaded) -> dict[str, torch.Tensor]:
-    """The loaded model's parameters as the values it computes with (dequantized), fp32, by BaseModel key."""
-    weights = pack.nodes.weights
-    out = {}
-    for name, module in loaded.model.named_modules():
-        for pname, p in list(module.named_parameters(recurse=False)):
-            key = f"{name}.{pname}"
-            if pname == "weight":
-                out[key] = weights.layer_weight(loaded, key).dequantized("cpu")
-            elif p.is_floating_point():
-                out[key] = p.detach().float()
-    return out
-
-
-def _reference(pack, s, values, targets, x, sigma, conds, rank):
-    """(output, output without the T-LoRA) of the fp32 twin holding the storage's values, + LyCORIS' exact delta."""
-    import comfy.utils
-
-    patcher = s["twin"].patcher
-    params = dict(patcher.model.named_parameters())
-    saved = {k: v.detach().clone() for k, v in params.items()}
-    loras = {lo.lora_name: lo for lo in s["net"].loras}
-    try:
-        with torch.no_grad():
-            for k, v in values.items():
-                if k in params and params[k].shape == v.shape:
-                    params[k].copy_(v)
-            base = capture(patcher, x, sigma, conds).out
-            set_bases(s["net"], s["exact"])
-            for t in targets:
-                w = comfy.utils.get_attr(patcher.model, t.key)
-                delta = lycoris_delta(loras[t.adapter.name], rank).to(w.dtype)
-                delta = t.reorder(delta) if t.reorder is not None else delta
-                rows = w if t.out_slice is None else w.narrow(0, *t.out_slice)
-                rows.add_(delta.reshape(rows.shape))
-            out = capture(patcher, x, sigma, conds).out
-    finally:
-        with torch.no_grad():
-            for k, v in saved.items():
-                params[k].copy_(v)
-    return out, base
-
-
 @pytest.mark.parametrize("kind", storage.KINDS)
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_effect_on_each_storage(pack, setups, tmp_path, caplog, family, kind):
@@ -132,7 +89,7 @@ def test_effect_on_each_storage(pack, setups, tmp_path, caplog, family, kind):
     targets = pack.nodes.plan.plan(loaded, tl["rebuilt"]).targets
     stored_kind = pack.nodes.weights.layer_weight(loaded, targets[0].key).kind
     assert stored_kind.startswith(KIND_PREFIX[kind]), stored_kind
-    values = _storage_values(pack, loaded)
+    values = storage.values(pack, loaded)
     apply = pack.nodes.apply
     with caplog.at_level("INFO", logger="tlora"):
         clones = {what: apply.apply_tlora(loaded, t, apply.Settings(1.0, R, MIN_RANK, ALPHA))[0]
@@ -151,7 +108,8 @@ def test_effect_on_each_storage(pack, setups, tmp_path, caplog, family, kind):
         sigma = sigma_for(loaded, t, fam.flow)
         rank = pack.nodes.patcher.RankState("r", R, MIN_RANK, ALPHA, "auto").ranks_for(
             sigma, loaded.model.model_sampling)[1][0]
-        ref, ref_base = _reference(pack, s, values, targets, x, sigma, conds, rank)
+        ref, ref_base = storage.reference(s["twin"].patcher, s["net"], s["exact"], values, targets, x, sigma,
+                                          conds, rank)
         base = capture(loaded, x, sigma, conds).out
         assert rel_l2(base, ref_base) < 1e-4, "the reference twin does not compute what the loaded model does"
         for what, clone in clones.items():

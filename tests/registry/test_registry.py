@@ -13,7 +13,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-NODE_IDS = ("TLoRALoader", "TLoRASchedulePreview")
+NODE_IDS = ("TLoRALoader", "TLoRASchedulePreview", "TLoRASaveWithBase")
 
 
 def test_pyproject_has_what_the_registry_needs():

@@ -220,3 +220,29 @@ def test_server_is_silent_for_the_right_checkpoint(server, tiny, tlora_latent):
     log = h.log_since(server, start)
     assert not _warnings(log), _warnings(log)
     assert _figure_logged(log, name) > diagnostics.RELATED_BELOW
+
+
+# --- the thresholds on models they were not calibrated on -----------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd15", "flux", "wan21", "qwen_image", "hunyuan_video15"])
+def test_thresholds_hold_on_other_families(tmp_path, family):
+    """The thresholds were calibrated on the tiny SDXL (module doc of tlora_core/diagnostics.py). On other families
+    and seeds, with LyCORIS files written on them: the right checkpoint and its fp8-rounded copy read as the right
+    one, another seed of the same architecture as another checkpoint."""
+    from tools.families import FAMILIES
+
+    fam = FAMILIES[family]
+    right_twin, other_twin = fam.build(5), fam.build(6)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    tm.write_lycoris_tlora(right_twin.diffusers, path, RANK, LINEAR_ALPHA, targets=fam.targets, seed=3,
+                           strength=0.5).restore()
+    tl = load_tlora(path)
+    right = {n: w for n, w in _linears(right_twin.diffusers).items() if n in tl.modules}
+    other = {n: w for n, w in _linears(other_twin.diffusers).items() if n in tl.modules}
+    assert set(right) == set(tl.modules) == set(other)
+    figs = {"right": _figure(tl, right), "other_seed": _figure(tl, other),
+            "right_fp8": _figure(tl, {n: w.to(torch.float8_e4m3fn).float() for n, w in right.items()})}
+    print(family, {k: round(f.figure, 3) for k, f in figs.items()})
+    assert figs["right"].verdict == figs["right_fp8"].verdict == "ok", figs
+    assert figs["other_seed"].verdict == "different", figs
+    assert figs["right_fp8"].figure > diagnostics.RELATED_BELOW + 0.03 and figs["other_seed"].figure < 0.3

@@ -58,7 +58,10 @@ def pixels(png: bytes) -> np.ndarray:
 
 def test_nodes_have_descriptions_and_tooltips(server):
     info = server.get("/object_info")
-    for node_id in ("TLoRALoader", "TLoRASchedulePreview"):
+    ours = sorted(k for k, v in info.items() if "ComfyUI-TLoRA" in v.get("python_module", "") and "dev" not in
+                  v.get("python_module", "").split("ComfyUI-TLoRA")[-1].lower())
+    assert ours == ["TLoRALoader", "TLoRASaveWithBase", "TLoRASchedulePreview"], ours
+    for node_id in ours:
         node = info[node_id]
         assert node["description"], node_id
         for section in ("required", "optional"):
@@ -114,15 +117,32 @@ def test_schedule_differs_from_all_ranks(server, tiny, artifacts):
     assert diff > 0.5, diff
 
 
-def test_schedule_preview_workflow_reports_sampler_calls(server, tiny, artifacts):
+@pytest.mark.parametrize(("sampler", "steps", "calls"), [("heun", 6, 11), ("euler", 5, 5), ("dpmpp_2m", 4, 4)])
+def test_schedule_preview_reports_each_sampler_call(server, tiny, artifacts, sampler, steps, calls):
+    """The preview node's own output (no PreviewImage needed): its plot, and its table of every model call the
+    sampler makes (Heun: two per step but the last), each with the rank of its own sigma, found by running the
+    sampler (never the one-call-per-step fallback for these samplers)."""
     info = server.get("/object_info")
     prompt = workflow.substitute_tiny(workflow.to_api(workflow.load(WF / "tlora_schedule_preview.json"), info),
                                       sdxl_files(tiny), SDXL_COND,
-                                      {"TLoRASchedulePreview": {"steps": 6, "sampler_name": "heun"}})
+                                      {"TLoRASchedulePreview": {"steps": steps, "sampler_name": sampler,
+                                                                "max_rank": RANK, "min_rank": MIN_RANK,
+                                                                "alpha": TLORA_ALPHA}})
     entry = server.run(prompt)
-    png = server.images(entry)[0]
-    (artifacts / "schedule_preview.png").write_bytes(png)
+    node = next(k for k, v in prompt.items() if v["class_type"] == "TLoRASchedulePreview")
+    own = entry["outputs"][node]
+    assert len(own["images"]) == 1 and not [k for k, v in prompt.items() if v["class_type"] == "PreviewImage"]
+    png = server.get(f"/view?filename={own['images'][0]['filename']}&type=temp")
+    (artifacts / f"schedule_preview_{sampler}.png").write_bytes(png)
     assert pixels(png).shape[2] == 3 and pixels(png).std() > 1
+    table = json.loads(own["text"][0])
+    assert table["simulated"] is True and table["sampler"] == sampler and len(table["calls"]) == calls
+    assert table["schedule"] == [[t, schedule.active_rank(t, RANK, MIN_RANK, TLORA_ALPHA)] for t in (0, 250, 500, 750,
+                                                                                                      999)]
+    assert_discrete_schedule([{"sigma": [c["sigma"]], "t": [c["t"]], "rank": [c["rank"]], "max_rank": RANK,
+                               "min_rank": MIN_RANK, "alpha": TLORA_ALPHA} for c in table["calls"]])
+    sigmas = [c["sigma"] for c in table["calls"]]
+    assert sigmas[0] == max(sigmas) and table["calls"][0]["rank"] == MIN_RANK
 
 
 def test_base_model_output_is_unchanged_after_a_tlora_run(server, tiny):
@@ -232,3 +252,48 @@ def test_tlora_with_other_model_patches_and_wrappers(server, tiny, order):
     calls = trace_lines(server, start)
     assert len(calls) == 4
     assert_discrete_schedule(calls)
+
+
+def test_info_route_reads_big_files_off_the_event_loop(server, tmp_path):
+    """Reading a large T-LoRA for the node's graph must not stall the server: while /tlora/info reads one, other
+    requests are answered at once."""
+    import threading
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for m in range(160):  # ~330 MB of factors: reading and checking it takes a while
+        p = f"lycoris_down_blocks_0_attentions_0_transformer_blocks_{m}_ff_net_0_proj"
+        sd[f"{p}.q_layer.weight"] = torch.randn(64, 5120, generator=g)
+        sd[f"{p}.p_layer.weight"] = torch.randn(5120, 64, generator=g)
+        sd[f"{p}.lambda_layer"] = torch.ones(1, 64)
+        sd[f"{p}.alpha"] = torch.tensor(32.0)
+    big = tmp_path / "big_tlora.safetensors"
+    save_file(sd, str(big))
+    link = Path(server.base) / "models" / "loras" / "big_tlora.safetensors"
+    link.symlink_to(big)
+    answer: dict = {}
+
+    def ask():
+        t0 = time.perf_counter()
+        answer["body"] = server.get("/tlora/info?lora_name=big_tlora.safetensors", timeout=120)
+        answer["seconds"] = time.perf_counter() - t0
+
+    try:
+        t = threading.Thread(target=ask)
+        t.start()
+        latencies = []
+        while t.is_alive():
+            t0 = time.perf_counter()
+            server.get("/system_stats")
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+        t.join()
+    finally:
+        link.unlink()
+    assert answer["body"]["modules"] == 160 and answer["body"]["rank"] == 64
+    assert answer["seconds"] > 0.3 and len(latencies) >= 5, answer["seconds"]  # the read really took a while
+    assert max(latencies) < 0.1, f"/system_stats took {max(latencies):.3f} s while a file was read"

@@ -408,3 +408,52 @@ def test_fuzz_load_returns_tlora_or_raises_tlora_error(tmp_path_factory, sd, met
             delta = m.delta_weight(m.rank)
             assert delta.shape == m.weight_shape
             assert delta.dtype == torch.float32
+
+
+# --- valid files must load (no false refusals) ------------------------------------------------------------
+
+VALID_NAMES = {  # layout -> module name i, in that layout's own spelling
+    "lycoris": lambda i: f"lycoris_down_blocks_{i}_attentions_0_transformer_blocks_0_attn1_to_q",
+    "official_ortho": lambda i: f"unet.down_blocks.{i}.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora",
+    "vanilla": lambda i: f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora",
+    "kohya": lambda i: f"lora_unet_down_blocks_{i}_attentions_0_proj_in",
+    "peft": lambda i: f"base_model.model.down_blocks.{i}.attentions.0.proj_in",
+}
+
+
+@st.composite
+def valid_files(draw):
+    """1-3 well-formed modules of one layout, with its own names, any float dtype, finite non-zero values."""
+    layout = draw(st.sampled_from(sorted(VALID_NAMES)))
+    n, r = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    i, o = draw(st.integers(r, 8)), draw(st.integers(1, 8))
+    conv = layout in ("lycoris", "kohya", "peft") and draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    sd = {}
+    for m in range(n):
+        stem = VALID_NAMES[layout](m)
+        for suffix, template in LAYOUTS[layout].items():
+            dims = [{"r": r, "i": i, "o": o, "1": 1}[c] for c in template]
+            if conv and len(dims) == 2 and template != "1r":
+                dims += [1, 1]
+            sd[stem + suffix] = (torch.rand(dims, generator=g) + 0.5).to(dtype)  # finite, never zero
+    return layout, n, r, sd, layout == "vanilla" and draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(case=valid_files())
+def test_fuzz_valid_files_always_load(tmp_path_factory, case):
+    layout, n, r, sd, as_pt = case
+    folder = tmp_path_factory.mktemp("valid")
+    path = folder / ("lora.pt" if as_pt else "valid.safetensors")
+    if as_pt:
+        torch.save(sd, str(path))
+    else:
+        save_file(sd, str(path))
+    tl = load_tlora(path, assume_vanilla=layout in ("kohya", "peft"))
+    assert len(tl.modules) == n and not tl.skipped and tl.rank == r
+    for m in tl.modules.values():
+        if m.has_base:
+            assert torch.isfinite(m.delta_weight(r)).all()

@@ -1,0 +1,103 @@
+"""Text-encoder modules of a T-LoRA file: no timestep reaches a text encoder, so they apply at full rank, statically,
+on the Load T-LoRA node's `clip` input. A tiny CLIP text encoder (ComfyUI's own CLIP class with a small config,
+and its transformers twin with the same weights); a LyCORIS `tlora` network written by LyCORIS on the twin, its
+modules named the way kohya-style LyCORIS names text-encoder modules (`lora_te_...`); the node's output CLIP
+against the twin with LyCORIS applied (no mask: every rank)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tools import tiny_models as tm
+from tools.families.base import rel_l2
+from tools.harness.inproc import import_pack
+
+CONFIG = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+          "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": 32, "initializer_factor": 1.0,
+          "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+          "model_type": "clip_text_model", "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": 1,
+          "projection_dim": 32, "torch_dtype": "float32", "vocab_size": 49408}
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return import_pack()
+
+
+def comfy_clip(state_dict: dict):
+    """ComfyUI's CLIP object (SD1 tokenizer, CLIP-L structure) at the tiny config, holding `state_dict`."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    model = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=comfy.sd1_clip.SDClipModel,
+                              textmodel_json_config=CONFIG)
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, model)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    missing, unexpected = clip.load_sd({k if k.startswith("text_model.") else f"text_model.{k}": v
+                                        for k, v in state_dict.items()})
+    assert not [k for k in missing if k != "text_projection.weight"] and not unexpected, (missing, unexpected)
+    return clip
+
+
+def test_text_encoder_modules_apply_at_full_rank_through_the_clip_input(pack, tmp_path):
+    import folder_paths
+    from lycoris import LycorisNetwork, create_lycoris
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    te = tm.fill_random_(CLIPTextModel(CLIPTextConfig(**CONFIG)), 3)
+    clip = comfy_clip(te.state_dict())
+    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
+            "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+    saved = {k: getattr(LycorisNetwork, k) for k in keys}
+    try:
+        LycorisNetwork.apply_preset({"target_module": ["CLIPAttention", "CLIPMLP"]})
+        with tm.fast_lycoris():
+            net = create_lycoris(te, 1.0, linear_dim=RANK, linear_alpha=RANK, algo="tlora")
+    finally:
+        for k, v in saved.items():
+            setattr(LycorisNetwork, k, v)
+    net.apply_to()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for lora in net.loras:  # "training": the factors move off their SVD init
+            for w in (lora.q_layer.weight, lora.p_layer.weight):
+                w.add_(w.std() * torch.randn(w.shape, generator=g))
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    raw = tmp_path / "raw.safetensors"
+    net.save_weights(str(raw), torch.float32, None)
+    # kohya-style LyCORIS names text-encoder modules lora_te_<path from the CLIP text model>
+    prefix = "lora_te_" if any(n.startswith("text_model") for n, _ in te.named_modules()) else "lora_te_text_model_"
+    save_file({k.replace("lycoris_", prefix, 1): v for k, v in load_file(str(raw)).items()},
+              str(folder / "te_tlora.safetensors"), metadata={"ss_network_module": "lycoris.kohya"})
+    folder_paths.add_model_folder_path("loras", str(folder))
+    try:
+        tl = pack.tlora_core.load_tlora(folder / "te_tlora.safetensors")
+        assert not tl.modules and len(tl.text_encoder_modules) == len(net.loras) == 12
+        node = pack.nodes.loader.TLoRALoader
+        model = object()  # no diffusion-model modules in the file: the model passes through untouched
+        out = node.execute(model=model, lora_name="te_tlora.safetensors", strength_model=1.0, strength_clip=1.0,
+                           schedule_source="file", min_rank=1, alpha=1.0, max_rank=0, timestep_mode="auto",
+                           vanilla_tlora=False, clip=clip)
+    finally:
+        folder_paths.get_folder_paths("loras").remove(str(folder))
+    out_model, out_clip = out.result
+    assert out_model is model and out_clip is not clip
+    tokens = clip.tokenize("a photo of a cat riding a bicycle")
+    ids = torch.tensor([[t for t, _ in tokens["l"][0]]])
+    with torch.no_grad():
+        ours = out_clip.encode_from_tokens(tokens)
+        base = clip.encode_from_tokens(tokens)
+        ref = te(ids).last_hidden_state  # LyCORIS applied, no mask: every rank
+        net.restore()
+        ref_base = te(ids).last_hidden_state
+    assert rel_l2(base, ref_base) < 1e-5, "the twins differ without the T-LoRA"
+    assert rel_l2(ref, ref_base) > 1e-2, "the T-LoRA has no measurable effect"
+    assert rel_l2(ours - base, ref - ref_base) < 1e-4
+    assert rel_l2(ours, ref) < 1e-5
