@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 TINY := .cache/tiny
 
-.PHONY: setup setup-browser models demo test test-unit lint clean
+.PHONY: setup setup-browser models demo test test-unit lint mutate clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -24,6 +24,10 @@ test-unit: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# Plants known math bugs one at a time; every one must make a test fail.
+mutate: setup models
+	$(PY) scripts/mutate.py
 
 clean:
 	rm -rf demo_out test_artifacts .pytest_cache

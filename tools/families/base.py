@@ -211,7 +211,7 @@ def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| (Frobenius norms): the relative error."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
 
 
 
