@@ -5,7 +5,7 @@ fused-row offsets or no base subtraction proves nothing.
 Each mutant replaces one exact snippet of the pack's source (the run fails if the snippet is not found, so the list
 follows the code), runs the tests that should notice (in-process tiers on the first host, one at a time, stopping
 at the first failure) and restores the file. Prints one line per mutant and the totals; writes
-test_artifacts/mutation.json. Takes ~10 minutes on 2 cores.
+test_artifacts/mutation.json. Takes ~7 minutes on 2 cores.
 """
 
 from __future__ import annotations
