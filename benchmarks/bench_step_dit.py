@@ -35,6 +35,17 @@ def now(dev: torch.device) -> float:
     return time.perf_counter()
 
 
+def once(patcher, x, sigma, conds) -> torch.Tensor:
+    """One model call of `patcher` (loaded alone, so a merged patch is in the weights only while it runs)."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    opts = {"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)}
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma.expand(x.shape[0]), transformer_options=opts, **conds).float()
+
+
 def euler_ms(patcher, x0, conds, sigmas, dev, rounds: int) -> tuple[float, list[float]]:
     """Per-step time (min over rounds per step, mean over steps) of ComfyUI apply_model in an Euler loop."""
     import comfy.model_management
@@ -76,19 +87,27 @@ def main(argv=None):
     pack = import_pack()
     import comfy.lora
     import comfy.samplers
+    import lycoris  # noqa: F401  (creates its logger)
     from diffusers import FluxTransformer2DModel
+
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs to stdout; stdout is for the JSON only
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     heads = args.hidden // 128
-    twin = seeded(FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=args.double,
-                                         num_single_layers=args.single, attention_head_dim=128,
-                                         num_attention_heads=heads, joint_attention_dim=256, pooled_projection_dim=64,
-                                         guidance_embeds=True, axes_dims_rope=(16, 56, 56)), 0)
-    base = load_detected({k: v.clone() for k, v in twin.state_dict().items()}, {"num_heads": heads})
-    base.model.to(dtype)
+    with torch.device(dev):  # on a GPU the fp32 twin (48 GB at Flux.1's shape) and LyCORIS' SVD init stay there
+        twin = seeded(FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=args.double,
+                                             num_single_layers=args.single, attention_head_dim=128,
+                                             num_attention_heads=heads, joint_attention_dim=256,
+                                             pooled_projection_dim=64, guidance_embeds=True,
+                                             axes_dims_rope=(16, 56, 56)), 0)
+    base = load_detected({k: v.to(dtype, copy=True) for k, v in twin.state_dict().items()}, {"num_heads": heads},
+                         dtype=dtype)
     tmp = Path(tempfile.mkdtemp(prefix="tlora_dit_"))
     tm.write_lycoris_tlora(twin, tmp / "tlora.safetensors", args.rank, args.rank, targets=tm.FLUX_TARGETS, seed=1,
                            strength=0.3).restore()
+    del twin
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     tl = pack.tlora_core.load_tlora(tmp / "tlora.safetensors")
     apply = pack.nodes.apply
     t0 = time.perf_counter()
@@ -108,9 +127,14 @@ def main(argv=None):
     conds = {"c_crossattn": torch.randn(1, 64, 256, generator=g).to(dev, dtype),
              "y": torch.randn(1, 64, generator=g).to(dev, dtype), "guidance": torch.tensor([3.5], device=dev)}
     sigmas = comfy.samplers.calculate_sigmas(base.model.model_sampling, "simple", args.steps).to(dev)
+    s_end = torch.tensor([1e-4], device=dev)  # t = 0: every rank active, the T-LoRA equals the merged LoRA
+    base_before = once(base, x0, s_end, conds)
     ms = {}
     for name, p in (("base", base), ("tlora", clone), ("static_merge", merged)):
         ms[name] = euler_ms(p, x0, conds, sigmas, dev, args.rounds)
+    tl, mg, b = (once(p, x0, s_end, conds) for p in (clone, merged, base))
+    checks = {"base_untouched_max_abs": float((b - base_before).abs().max()),
+              "tlora_vs_static_merge_at_t0": float((tl - mg).norm() / (mg - b).norm().clamp_min(1e-30))}
     out = {"bench": "step_dit", "layout": "Flux.1", "device": device_name(dev), "torch": torch.__version__,
            "config": {"hidden": args.hidden, "double": args.double, "single": args.single, "latent": args.latent,
                       "tokens": (args.latent // 2) ** 2 + 64, "rank": args.rank, "layers": len(app.bindings),
@@ -120,7 +144,7 @@ def main(argv=None):
            "ratio_to_base": {k: round(v[0] / ms["base"][0], 3) for k, v in ms.items()},
            "ratio_to_base_median_of_rounds": {k: round(statistics.median(a / b for a, b in zip(
                v[1], ms["base"][1], strict=True)), 3) for k, v in ms.items()},
-           "tlora_apply_s": round(apply_s, 2)}
+           "tlora_apply_s": round(apply_s, 2), "checks": checks}
     print(json.dumps(out))
     return out
 

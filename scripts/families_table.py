@@ -55,7 +55,9 @@ def storage_table(by_host: dict) -> str:
              "effect error, self-contained file |", "|---|---|---|---|---|"]
     for k in keys:
         rows = [by_host[h][k] for h in _hosts(by_host, k)]
-        loaded = " / ".join(sorted({x["loaded_as"] for x in rows}))
+        kinds = {x["loaded_as"] for x in rows}
+        loaded = kinds.pop() if len(kinds) == 1 else "; ".join(
+            f"{h}: {by_host[h][k]['loaded_as']}" for h in _hosts(by_host, k))
         lines.append(f"| {rows[0]['family']} | {rows[0]['storage']} | {loaded} | "
                      f"{max(x['rebuilt'] for x in rows):.1e} | {max(x['self_contained'] for x in rows):.1e} |")
     return "\n".join(lines)

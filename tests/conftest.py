@@ -26,6 +26,18 @@ def _host_tag() -> str:
 
 ARTIFACTS = ROOT / "test_artifacts" / _host_tag()
 
+
+def save_results(name: str, results: dict) -> None:
+    """Merge a module's measured results into this host's `test_artifacts/<host>/<name>` (read by
+    scripts/families_table.py); a partial run (-k) keeps the other entries."""
+    import json
+
+    if results:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        out = ARTIFACTS / name
+        old = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps({**old, **results}, indent=1, sort_keys=True))
+
 # The schedule the server-tier T-LoRA files record in their SimpleTuner-style sidecar.
 RANK, LINEAR_ALPHA, MIN_RANK, TLORA_ALPHA = 8, 4, 2, 1.5
 

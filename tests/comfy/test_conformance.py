@@ -21,16 +21,10 @@ from safetensors.torch import load_file
 from tools import tiny_models as tm
 from tools.families import FAMILIES
 from tools.families.base import capture, rel_l2, sigma_for
-from tools.harness.inproc import import_pack
 
 R, LINEAR_ALPHA, MIN_RANK, ALPHA = 8, 8, 3, 1.7
 TIMESTEPS = (999, 750, 500, 250, 0)
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
 
 
 def attach(pack, patcher, tl, strength=1.0, max_rank=R, min_rank=MIN_RANK, alpha=ALPHA, mode="auto"):

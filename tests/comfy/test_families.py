@@ -20,11 +20,10 @@ import pytest
 import torch
 from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
-from tests.conftest import ARTIFACTS
+from tests.conftest import save_results
 from tools import families
 from tools import tiny_models as tm
 from tools.families.base import Call, capture, exact_bases, lycoris_delta, rel_l2, rel_max, set_bases, sigma_for
-from tools.harness.inproc import import_pack
 from tools.harness.server import host_version
 
 R, LINEAR_ALPHA, MIN_RANK, ALPHA = 8, 8, 3, 1.7
@@ -41,19 +40,10 @@ NOT_IN_0_3_75 = {"longcat_image", "kandinsky5_image", "kandinsky5_video", "ltx2"
 RESULTS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def write_results():
     yield
-    if RESULTS:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        out = ARTIFACTS / "families.json"
-        old = json.loads(out.read_text()) if out.exists() else {}
-        out.write_text(json.dumps({**old, **RESULTS}, indent=1, sort_keys=True))
+    save_results("families.json", RESULTS)
 
 
 def _params():

@@ -14,15 +14,9 @@ import torch
 
 from tools import tiny_models as tm
 from tools.families import FAMILIES
-from tools.harness.inproc import import_pack
 from tools.harness.server import ROOT, comfy_path, venv_python
 
 R = 8
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
 
 
 @pytest.fixture

@@ -17,14 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from tools import tiny_models as tm
 from tools.families import FAMILIES
-from tools.harness.inproc import import_pack
 
 R = 8
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
 
 
 @pytest.fixture(scope="module")

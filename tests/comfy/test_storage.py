@@ -11,18 +11,15 @@ Figures go to test_artifacts/<host>/storage.json (the README's table of expected
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from lycoris.modules.tlora import clear_timestep_mask
 
-from tests.conftest import ARTIFACTS
+from tests.conftest import save_results
 from tools import storage
 from tools import tiny_models as tm
 from tools.families import FAMILIES
 from tools.families.base import capture, exact_bases, rel_l2, sigma_for
-from tools.harness.inproc import import_pack
 from tools.harness.server import host_version
 
 R, LINEAR_ALPHA, MIN_RANK, ALPHA = 8, 8, 3, 1.7
@@ -37,17 +34,10 @@ SELF_CONTAINED_BOUND = 1e-3
 OVERRIDES = {"flux": {"num_heads": 1}}  # what the tiny Flux needs on hosts whose detection fixes 24 heads
 
 
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def write_results():
     yield
-    if RESULTS:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "storage.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
+    save_results("storage.json", RESULTS)
 
 
 @pytest.fixture(scope="module")

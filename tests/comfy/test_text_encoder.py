@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 
 from tools import tiny_models as tm
 from tools.families.base import rel_l2
-from tools.harness.inproc import import_pack
 
 CONFIG = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
           "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": 32, "initializer_factor": 1.0,
@@ -21,11 +19,6 @@ CONFIG = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_tok
           "model_type": "clip_text_model", "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": 1,
           "projection_dim": 32, "torch_dtype": "float32", "vocab_size": 49408}
 RANK = 4
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
 
 
 def comfy_clip(state_dict: dict):

@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from tools.families import FAMILIES
-from tools.harness.inproc import import_pack
 
 R, MIN_RANK, ALPHA = 16, 2, 1.0
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return import_pack()
 
 
 @pytest.fixture(scope="module")

@@ -297,3 +297,37 @@ def test_info_route_reads_big_files_off_the_event_loop(server, tmp_path):
     assert answer["body"]["modules"] == 160 and answer["body"]["rank"] == 64
     assert answer["seconds"] > 0.3 and len(latencies) >= 5, answer["seconds"]  # the read really took a while
     assert max(latencies) < 0.1, f"/system_stats took {max(latencies):.3f} s while a file was read"
+
+
+def test_first_load_counts_its_layers_on_comfys_progress_bar(server, tiny):
+    """While the loader builds the SVD base it reports each layer on ComfyUI's progress bar: `progress` websocket
+    messages of the loader node that end at value == max == the file's module count."""
+    import websocket
+
+    info = server.get("/object_info")
+    api = workflow.to_api(workflow.load(WF / "tlora_sdxl_txt2img.json"), info)
+    overrides = {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 2}}
+    prompt = workflow.substitute_tiny(api, sdxl_files(tiny), SDXL_COND, overrides)
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "TLoRALoader")
+    prompt[loader]["inputs"]["strength_model"] = 0.8125  # a value no other test uses: the node runs again
+    modules = server.get(f"/tlora/info?lora_name={SDXL_LORA}")["modules"]
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=60)
+    try:
+        prompt_id = server.queue(prompt)
+        progress = []
+        while True:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            m = json.loads(msg)
+            data = m.get("data", {})
+            if m["type"] == "progress" and data.get("node") == loader:
+                progress.append((data["value"], data["max"]))
+            if m["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+            assert m["type"] != "execution_error", data
+    finally:
+        ws.close()
+    assert progress, "the loader sent no progress"
+    assert progress[-1] == (modules, modules), progress[-5:]
+    assert [v for v, _ in progress] == sorted(v for v, _ in progress)

@@ -131,14 +131,15 @@ def detection(overrides: dict[str, Any] | None, force: str | None) -> Iterator[N
 
 
 def load_detected(sd: dict[str, torch.Tensor], overrides: dict[str, Any] | None = None,
-                  force: str | None = None):
+                  force: str | None = None, dtype: torch.dtype = torch.float32):
     """A ComfyUI ModelPatcher for a ComfyUI-format diffusion-model state dict, through ComfyUI's own loader.
 
     overrides: detected config values a tiny model must replace (widths detection hard-codes).
-    force: a supported_models class to use where detection picks classes by a full-size width."""
+    force: a supported_models class to use where detection picks classes by a full-size width.
+    dtype: the model's weight and compute dtype (ComfyUI's `weight_dtype`)."""
     comfy = import_comfy()
     with detection(overrides, force):
-        patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype})
     if patcher is None:
         raise RuntimeError("ComfyUI did not recognise the tiny model's state dict")
     return patcher

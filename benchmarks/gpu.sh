@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one command, each printing its JSON (with the GPU's name) into OUTDIR:
+#   bash benchmarks/gpu.sh [OUTDIR]          SDXL per step (bf16, 1024², rank 64, 700 layers), Flux-scale per step
+#                                            (12B-shaped, bf16, 1024², rank 64), load at SDXL shape, where the time goes
+#   bash benchmarks/gpu.sh --smoke [OUTDIR]  the same code paths on the CPU at a tiny size (~2 minutes)
+# OUTDIR defaults to $OUT (the device machine's return folder) or benchmarks_out/. A failed benchmark is reported
+# with its log's tail and the others still run; the exit status says whether all passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+smoke=0
+if [ "${1:-}" = --smoke ]; then smoke=1; shift; fi
+out=${1:-${OUT:-benchmarks_out}}
+mkdir -p "$out"
+
+if [ "$smoke" = 1 ]; then
+  step=(--sdxl --tiny-shape --device cpu --steps 3 --repeats 1)
+  flux=(--hidden 256 --double 1 --single 2 --latent 16 --rank 8 --steps 3 --rounds 1 --device cpu --dtype bfloat16)
+  load=(--layers 8 --device cpu)
+  prof=(--sdxl --tiny-shape --device cpu --repeats 1 --parts rank_cost,ops,designs)
+else
+  step=(--sdxl)
+  flux=(--hidden 3072 --double 19 --single 38 --latent 128 --rank 64 --steps 25 --rounds 2 --device cuda
+        --dtype bfloat16)
+  load=(--device cuda)
+  prof=(--sdxl --parts rank_cost,ops,designs)
+fi
+
+rc=0
+run() {
+  local name=$1 start
+  shift
+  start=$(date +%s)
+  echo "== $name: $*" >&2
+  if "$PY" "$@" > "$out/$name.json" 2> "$out/$name.log"; then
+    echo "   ok in $(( $(date +%s) - start )) s: $(head -c 400 "$out/$name.json")" >&2
+  else
+    echo "   FAILED after $(( $(date +%s) - start )) s (log: $out/$name.log)" >&2
+    tail -n 5 "$out/$name.log" >&2
+    rc=1
+  fi
+}
+run bench_step_sdxl benchmarks/bench_step.py "${step[@]}"
+run bench_step_flux benchmarks/bench_step_dit.py "${flux[@]}"
+run bench_load benchmarks/bench_load.py "${load[@]}"
+run profile_step benchmarks/profile_step.py "${prof[@]}"
+exit $rc
