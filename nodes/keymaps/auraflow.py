@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import comfy.utils
 
-from .common import put
+from .common import put_diffusers_map
 
 HINTS = ((r"joint_transformer_blocks|ff[._]out_projection|double_layers[._]\d+[._](attn[._]w\dq|mlpX)", "AuraFlow"),)
 
 
 def add_keys(model, key_map: dict) -> None:
     """Every weight of ComfyUI's AuraFlow diffusers map (sizes from the model's config), in every spelling."""
-    diffusers = comfy.utils.auraflow_to_diffusers(model.model_config.unet_config, output_prefix="diffusion_model.")
-    for name, target in diffusers.items():
-        if name.endswith(".weight"):
-            put(key_map, name[: -len(".weight")], target)
+    config = model.model_config.unet_config
+    put_diffusers_map(key_map, comfy.utils.auraflow_to_diffusers(config, output_prefix="diffusion_model."))
 
 
 EXTRA = {"AuraFlow": add_keys}

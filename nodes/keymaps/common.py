@@ -16,6 +16,14 @@ def put(key_map: dict, diffusers_name: str, target: Target) -> None:
         key_map[k] = target
 
 
+def put_diffusers_map(key_map: dict, diffusers: dict[str, Target]) -> None:
+    """Every weight of one of ComfyUI's `*_to_diffusers` maps (`<diffusers name>.weight` -> target), in every
+    spelling (`put`)."""
+    for name, target in diffusers.items():
+        if name.endswith(".weight"):
+            put(key_map, name[: -len(".weight")], target)
+
+
 def weight(comfy_module: str) -> str:
     """The BaseModel weight key of a diffusion-model module path."""
     return f"diffusion_model.{comfy_module}.weight"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import comfy.utils
 
-from .common import put
+from .common import put_diffusers_map
 
 # only PixArt's own names: its blocks' Linear names (attn1, attn2, ff.net) are LTX-Video's too
 HINTS = ((r"adaln_single|cross_attn[._](kv|q)_linear", "PixArt"),)
@@ -15,10 +15,8 @@ HINTS = ((r"adaln_single|cross_attn[._](kv|q)_linear", "PixArt"),)
 
 def add_keys(model, key_map: dict) -> None:
     """Every weight of ComfyUI's PixArt diffusers map (depth and hidden width from the model's config)."""
-    diffusers = comfy.utils.pixart_to_diffusers(model.model_config.unet_config, output_prefix="diffusion_model.")
-    for name, target in diffusers.items():
-        if name.endswith(".weight"):
-            put(key_map, name[: -len(".weight")], target)
+    config = model.model_config.unet_config
+    put_diffusers_map(key_map, comfy.utils.pixart_to_diffusers(config, output_prefix="diffusion_model."))
 
 
 EXTRA = {"PixArt": add_keys}
