@@ -133,9 +133,12 @@ def test_live_graph_follows_file_and_sliders(page, artifacts):
     s = _wait_schedule(page, (RANK, MIN_RANK, TLORA_ALPHA))
     assert s["ranks"] == [active_rank(t, RANK, MIN_RANK, TLORA_ALPHA) for t in range(1000)]
     # the sliders are pre-filled with the values the file records
-    values = page.evaluate("""() => Object.fromEntries(window.app.graph._nodes.find(n => n.type === 'TLoRALoader')
-        .widgets.map(w => [w.name, w.value]))""")
-    assert (values["min_rank"], values["alpha"]) == (MIN_RANK, TLORA_ALPHA)
+    deadline = time.time() + 10  # the widgets may take a frame longer than the graph to show it
+    while (got := (_loader_widgets(page)["min_rank"], _loader_widgets(page)["alpha"])) != (MIN_RANK, TLORA_ALPHA):
+        if time.time() > deadline:
+            break
+        page.wait_for_timeout(100)
+    assert got == (MIN_RANK, TLORA_ALPHA)
     screenshot_loader(page, artifacts / "ui_loader_file_schedule.png")
     _set(page, "schedule_source", "sliders")
     _set(page, "min_rank", 3)
