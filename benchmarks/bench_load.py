@@ -79,7 +79,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     pack = import_pack()
-    bases, core = pack.nodes.bases, pack.tlora_core
+    bases, core = pack.engine.bases, pack.tlora_core
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
     targets = sdxl_targets()
@@ -93,7 +93,7 @@ def main(argv=None):
     reader_s = time.perf_counter() - t0
     patcher, tgts = model_and_targets(pack, run, tl, dtype, dev)
     cache = core.svd.SVDCache(tmp / "svd_cache")
-    key = pack.nodes.apply.file_key(str(path))
+    key = pack.engine.files.file_key(str(path))
     stamps = []
 
     def progress(done, total):
@@ -108,10 +108,11 @@ def main(argv=None):
     with PeakRSS() as rss:
         prepared, first_s = timed()
     _, rerun_s = timed()  # memo hit
-    bases._prepared.clear()  # other files since: the prepared entry is gone, the weights' content keys are not
+    # other files since: the prepared entry is gone, the weights' content keys are not
+    bases._memo(patcher.model).prepared.clear()
     _, later_s = timed()
-    bases._prepared.clear()
-    bases._digests.clear()  # a new process: nothing in memory, the disk cache full
+    bases._memo(patcher.model).prepared.clear()
+    bases._memo(patcher.model).digests.clear()  # a new process: nothing in memory, the disk cache full
     _, restart_s = timed()
     largest = working_set({s for _, s in run}, args.rank)
     out = {
@@ -125,7 +126,7 @@ def main(argv=None):
         "memory": {"peak_rss_growth_bytes": rss.growth, "largest_layer_fp64_working_set_bytes": largest,
                    "svd_factor_bytes": sum((o + n + 1) * args.rank * 4 for _, (o, n) in run),
                    "growth_over_largest_layer": round(rss.growth / largest, 2)},
-        "factors_ready": len(prepared.factors),
+        "factors_ready": len(prepared.adapters),
     }
     print(json.dumps(out))
     return out

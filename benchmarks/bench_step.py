@@ -164,14 +164,15 @@ def make_lycoris(twin, rank: int, dev, path, pack_svd: bool, strength=STRENGTH, 
     import lycoris.modules.tlora as ly
     from lycoris import LycorisNetwork, create_lycoris
 
-    from tlora_core.svd import BaseJob, SVDCache, base_triplets, tensor_digest
+    from tlora_core.digest import cache_key
+    from tlora_core.svd import BaseJob, SVDCache, compute_base_triplets
 
     cache = SVDCache(os.environ.get("TLORA_CACHE_DIR"))
 
     def init_from_pack(self, org_module, in_dim, out_dim, flat_in_dim):  # fills the pack's cache on the way
         w = org_module.weight.detach()
-        job = BaseJob("w", self.lora_dim, (w.shape[0], w[0].numel()), lambda: tensor_digest(w), lambda: w)
-        u, s, v = base_triplets([job], cache)["w"]
+        job = BaseJob("w", self.lora_dim, (w.shape[0], w[0].numel()), lambda: cache_key(w), lambda: w)
+        u, s, v = compute_base_triplets([job], cache)["w"]
         self.q_layer.weight.data, self.p_layer.weight.data = v.T.contiguous(), u.contiguous()
         self.lambda_layer.data = s[None].contiguous()
 
@@ -308,10 +309,10 @@ def setup(args):
     timed_name = "f32" if m.timed is m.f32 else "lo"
     tl = load_tlora(tmp / "tlora.safetensors")
     load = {}
-    settings = pack.nodes.apply.Settings(1.0, rank, MIN_RANK, ALPHA)
+    settings = pack.engine.apply.Settings(1.0, rank, MIN_RANK, ALPHA)
 
     def apply(patcher, t):
-        return pack.nodes.apply.apply_tlora(patcher, t, settings)
+        return pack.engine.apply.apply_tlora(patcher, t, settings)
 
     t0 = time.perf_counter()
     clone_c, app = apply(patchers[timed_name], tl)

@@ -109,7 +109,7 @@ def main(argv=None):
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     tl = pack.tlora_core.load_tlora(tmp / "tlora.safetensors")
-    apply = pack.nodes.apply
+    apply = pack.engine.apply
     t0 = time.perf_counter()
     clone, app = apply.apply_tlora(base, tl, apply.Settings(1.0, args.rank, 1, 1.0))
     apply_s = time.perf_counter() - t0

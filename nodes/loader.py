@@ -3,77 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 
-import comfy.lora
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..engine import Settings, apply_text_encoder, apply_tlora, file_key, lora_path, read_file, resolve_schedule
+from ..engine.timesteps import AUTO, MODES
 from ..tlora_core import TLoRAError
-from . import timesteps
-from .apply import Settings, apply_tlora, file_key, read_file
+from ..tlora_core.recorded import SCHEDULE_SOURCES
+from .common import progress_bar
 
 log = logging.getLogger("tlora.loader")
-
-SCHEDULE_SOURCES = ["file", "sliders", "all_ranks"]
-
-
-def lora_path(lora_name: str) -> str:
-    """Full path of a file in ComfyUI's loras folders; refuses names that escape them."""
-    path = folder_paths.get_full_path("loras", lora_name)
-    if path is None:
-        raise TLoRAError(lora_name, "not found in ComfyUI's loras folders (models/loras)")
-    # symlinked files and folders inside a loras folder are fine; '..' escapes are not
-    full = os.path.normpath(os.path.abspath(path))
-    roots = [os.path.normpath(os.path.abspath(p)) for p in folder_paths.get_folder_paths("loras")]
-    if not any(full.startswith(r + os.sep) for r in roots):
-        raise TLoRAError(lora_name, "refused: the path leads outside ComfyUI's loras folders")
-    return path
-
-
-def resolve_schedule(tl, source: str, max_rank: int, min_rank: int, alpha: float) -> tuple[int, int, float, str]:
-    """(max_rank, min_rank, alpha, explanation) from the file's recorded values and the widgets."""
-    rec = tl.schedule_defaults()
-    r = max_rank or tl.rank
-    if source == "file":
-        mr = rec["min_rank"] if rec["min_rank"][1] != "default" else (min_rank, "slider")
-        al = rec["alpha"] if rec["alpha"][1] != "default" else (alpha, "slider")
-    elif source == "sliders":
-        mr, al = (min_rank, "slider"), (alpha, "slider")
-    elif source == "all_ranks":
-        mr, al = (r, "all_ranks"), (1.0, "all_ranks")
-    else:
-        raise TLoRAError(tl.path, f"schedule_source must be one of {SCHEDULE_SOURCES}, got {source!r}")
-    if max_rank and max_rank > tl.rank:
-        raise TLoRAError(tl.path, f"max_rank override {max_rank} exceeds the file's rank {tl.rank}")
-    why = (f"max_rank {r} ({'override' if max_rank else 'file rank'}), min_rank {mr[0]} ({mr[1]}), "
-           f"alpha {al[0]:g} ({al[1]})")
-    return int(r), int(mr[0]), float(al[0]), why
-
-
-def apply_text_encoder(clip, tl, strength: float):
-    """Text-encoder modules have no timestep: applied statically at full rank, as trained."""
-    if clip is None or not tl.text_encoder_modules or strength == 0:
-        return clip
-    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-    patches = {}
-    for name, adapter in tl.text_encoder_modules.items():
-        key = key_map.get(name) or key_map.get(name.replace("lycoris_te", "lora_te"))
-        if not isinstance(key, str):
-            continue
-        if adapter.needs_svd_base:
-            from ..tlora_core.svd import top_singular
-
-            base = comfy.utils.get_attr(clip.cond_stage_model, key).float()
-            adapter = adapter.with_base(*top_singular(base.reshape(base.shape[0], -1), adapter.rank))
-        delta = adapter.delta_weight(adapter.rank)
-        patches[key] = ("diff", (delta,))
-    out = clip.clone()
-    out.add_patches(patches, strength)
-    log.info("T-LoRA %s: %d of %d text-encoder modules applied statically", os.path.basename(tl.path),
-             len(patches), len(tl.text_encoder_modules))
-    return out
 
 
 def _inputs() -> list:
@@ -89,7 +29,7 @@ def _inputs() -> list:
                        tooltip="How strongly to apply the T-LoRA to the diffusion model (1 = as trained)."),
         io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
                        tooltip="How strongly to apply text-encoder modules, if the file has any."),
-        io.Combo.Input("schedule_source", options=SCHEDULE_SOURCES, default="file",
+        io.Combo.Input("schedule_source", options=list(SCHEDULE_SOURCES), default="file",
                        tooltip="file: use min_rank and alpha recorded in the file (metadata or a "
                                "lycoris_config.json beside it) where it records them, else the sliders. "
                                "sliders: always use the sliders. all_ranks: every rank at every step, "
@@ -102,7 +42,7 @@ def _inputs() -> list:
                        tooltip="Schedule exponent (tlora_alpha): 1 = linear, > 1 keeps ranks off longer."),
         io.Int.Input("max_rank", default=0, min=0, max=1024, step=1,
                      tooltip="Rank the schedule ramps up to; 0 = the file's rank (linear_dim)."),
-        io.Combo.Input("timestep_mode", options=list(timesteps.MODES), default=timesteps.AUTO,
+        io.Combo.Input("timestep_mode", options=list(MODES), default=AUTO,
                        tooltip="How sigma becomes the trainer's timestep. auto: flow models (SD3, Flux, "
                                "Flux 2, Wan, ...) use int(sigma*1000), discrete models their own timestep, "
                                "EDM models the SD/SDXL timestep of the same noise level."),
@@ -146,19 +86,12 @@ class TLoRALoader(io.ComfyNode):
         tl = read_file(path, vanilla_tlora)
         r, mr, al, why = resolve_schedule(tl, schedule_source, max_rank, min_rank, alpha)
         log.info("T-LoRA %s: schedule %s", lora_name, why)
-        pbar = None
-
-        def progress(done, total):
-            nonlocal pbar
-            if pbar is None:
-                pbar = comfy.utils.ProgressBar(total)
-            pbar.update_absolute(done, total)
-
+        progress = progress_bar()
         if tl.modules:
             out_model, _ = apply_tlora(model, tl, Settings(strength_model, r, mr, al, timestep_mode), progress)
         else:  # a file with text-encoder modules only
             out_model = model
             if clip is None:
                 raise TLoRAError(path, "holds text-encoder modules only: connect the clip input")
-        out_clip = apply_text_encoder(clip, tl, strength_clip)
+        out_clip = apply_text_encoder(clip, tl, strength_clip, progress)
         return io.NodeOutput(out_model, out_clip)

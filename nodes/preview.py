@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
+from ..engine import timesteps
+from ..engine.patcher import RankState
 from ..tlora_core import schedule
-from . import timesteps
-from .patcher import RankState
 
 log = logging.getLogger("tlora.preview")
 

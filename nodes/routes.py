@@ -7,28 +7,24 @@ import logging
 
 from aiohttp import web
 
+from ..engine import describe_lora
 from ..tlora_core import TLoRAError
-from .apply import read_file
-from .loader import lora_path
 
 log = logging.getLogger("tlora.routes")
 
 
-def _info(name: str, vanilla: bool) -> dict:
-    tl = read_file(lora_path(name), vanilla)
-    return {"lora_name": name, "format": tl.format, "rank": tl.rank, "modules": len(tl.modules),
-            "stored_base": tl.stored_base is not None,
-            "recorded": {k: {"value": v, "source": src} for k, (v, src) in tl.schedule_defaults().items()}}
-
-
 async def tlora_info(request: web.Request) -> web.Response:
+    """JSON about one file in the loras folders, from its header alone; every error is a JSON `{"error": ...}`."""
     name = request.query.get("lora_name", "")
     vanilla = request.query.get("vanilla_tlora", "false").lower() == "true"
     try:
-        # reading a file (hundreds of MB for a rank-64 SDXL T-LoRA) runs off the server's event loop
-        body = await asyncio.get_running_loop().run_in_executor(None, _info, name, vanilla)
+        # a .pt pickle is loaded to be described, and stat calls can block: off the server's event loop
+        body = await asyncio.get_running_loop().run_in_executor(None, describe_lora, name, vanilla)
     except (TLoRAError, OSError) as e:
         return web.json_response({"error": str(e)}, status=400)
+    except Exception as e:  # never an HTML 500: the node shows what went wrong
+        log.exception("T-LoRA info for %r failed", name)
+        return web.json_response({"error": f"T-LoRA file '{name}': {type(e).__name__}: {e}"}, status=500)
     return web.json_response(body)
 
 

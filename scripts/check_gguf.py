@@ -78,27 +78,27 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="tlora_gguf_"))
     lora = tmp / "pytorch_lora_weights.safetensors"
     net = tm.write_lycoris_tlora(twin.diffusers, lora, R, R, targets=fam.targets, seed=4, strength=1.0)
-    contained = pack.nodes.save.save_with_base(twin.patcher, str(lora), str(tmp / "with_base.safetensors"), "twin")
+    contained = pack.engine.save.save_with_base(twin.patcher, str(lora), str(tmp / "with_base.safetensors"), "twin")
     exact = exact_bases(net)
     sd = {k.removeprefix("diffusion_model."): v.clone() for k, v in twin.patcher.model.state_dict().items()
           if k.startswith("diffusion_model.")}
     folder_paths.add_model_folder_path("diffusion_models", str(tmp))
     x, conds = fam.inputs(twin, torch.Generator().manual_seed(3))
-    apply = pack.nodes.apply
+    apply = pack.engine.apply
     rows = []
     for quant in args.quants.split(","):
         write_gguf(sd, tmp / f"sdxl_{quant}.gguf", quant)
         loaded = gguf_pack.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]().load_unet(f"sdxl_{quant}.gguf",
                                                                               args.dequant_dtype)[0]
         tls = {w: pack.tlora_core.load_tlora(p) for w, p in (("rebuilt", lora), ("self_contained", contained))}
-        targets = pack.nodes.plan.plan(loaded, tls["rebuilt"]).targets
-        kind = pack.nodes.weights.layer_weight(loaded, targets[0].key).kind
+        targets = pack.engine.plan.plan(loaded, tls["rebuilt"]).targets
+        kind = pack.engine.weights.layer_weight(loaded, targets[0].key).kind
         values = storage.values(pack, loaded)
         clones = {w: apply.apply_tlora(loaded, t, apply.Settings(1.0, R, MIN_RANK, ALPHA))[0] for w, t in tls.items()}
         errors = {w: 0.0 for w in clones}
         for t in (999, 500, 0):
             sigma = sigma_for(loaded, t, fam.flow)
-            rank = pack.nodes.patcher.RankState("r", R, MIN_RANK, ALPHA, "auto").ranks_for(
+            rank = pack.engine.patcher.RankState("r", R, MIN_RANK, ALPHA, "auto").ranks_for(
                 sigma, loaded.model.model_sampling)[1][0]
             ref, ref_base = storage.reference(twin.patcher, net, exact, values, targets, x, sigma, conds, rank)
             base = capture(loaded, x, sigma, conds).out

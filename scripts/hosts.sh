@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Prints the ComfyUI hosts the tests run on, one path per line: COMFYUI_PATH alone when it is set,
-# else the pinned 0.3.75 and the newest (0.28.0) that scripts/setup_host.sh installs.
+# else the pinned 0.3.75 and the newest (0.33.0) that scripts/setup_host.sh installs.
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -n "${COMFYUI_PATH:-}" ]; then
   echo "$COMFYUI_PATH"
 else
   echo "$root/.host/ComfyUI"
-  echo "$root/.host/ComfyUI-0.28.0"
+  echo "$root/.host/ComfyUI-0.33.0"
 fi

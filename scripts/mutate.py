@@ -2,17 +2,21 @@
 kill. Every mutant must be killed: a test suite that passes with a wrong rank formula, a wrong sigma -> t, wrong
 fused-row offsets or no base subtraction proves nothing.
 
-Each mutant replaces one exact snippet of the pack's source (the run fails if the snippet is not found, so the list
-follows the code), runs the tests that should notice (in-process tiers on the first host, one at a time, stopping
-at the first failure) and restores the file. Prints one line per mutant and the totals; writes
-test_artifacts/mutation.json. Takes ~7 minutes on 2 cores.
+Each mutant replaces one exact snippet of the pack's source in a scratch copy of the tracked files (the checkout is
+never edited; the run fails if the snippet is not found, so the list follows the code), runs the tests that should
+notice there (in-process tiers on the first host, stopping at the first failure), and counts it killed only when a
+test fails (pytest exit 1): a collection error or a crash is reported as such, never as a kill. Prints one line per
+mutant and the totals; writes test_artifacts/mutation.json. Takes ~7 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,23 +50,23 @@ MUTANTS = (
            "* (max_rank - min_rank)) + min_rank", "* (max_rank - min_rank)) + min_rank - 1", tuple(UNIT)),
     # sigma -> the trainer's t
     Mutant("sigma->t: flow scale 999", "tlora_core/schedule.py",
-           "t = float(sigma) * MAX_TIMESTEP", "t = float(sigma) * (MAX_TIMESTEP - 1)", tuple(TIMESTEPS)),
+           "float(sigma) * MAX_TIMESTEP, f\"sigma", "float(sigma) * (MAX_TIMESTEP - 1), f\"sigma", tuple(TIMESTEPS)),
     Mutant("sigma->t: flow rounded", "tlora_core/schedule.py",
            "return int(t) if integer else t", "return round(t) if integer else t", tuple(TIMESTEPS)),
-    Mutant("sigma->t: discrete models read as flow (sigma * 1000)", "nodes/timesteps.py",
+    Mutant("sigma->t: discrete models read as flow (sigma * 1000)", "engine/timesteps.py",
            "ts = model_sampling.timestep(sigma.detach()).float().reshape(-1).tolist()",
            "ts = (sigma.detach() * 1000).float().reshape(-1).tolist()", tuple(TIMESTEPS)),
-    Mutant("sigma->t: EDM noise level mapped to the wrong end of the DDPM table", "nodes/timesteps.py",
+    Mutant("sigma->t: EDM noise level mapped to the wrong end of the DDPM table", "engine/timesteps.py",
            "dists.abs().argmin(dim=0)", "dists.abs().argmax(dim=0)", ("tests/comfy/test_timesteps.py",)),
     # fused-weight row slices
-    Mutant("slices: the slot adds into the wrong rows", "nodes/patcher.py",
+    Mutant("slices: the slot adds into the wrong rows", "tlora_core/slot.py",
            "y2 = y2.narrow(1, *self.out_slice)", "y2 = y2.narrow(1, self.out_slice[0] // 2, self.out_slice[1])",
            tuple(FAMILIES)),
-    Mutant("slices: Flux 2 q/k/v row offsets", "nodes/keymaps/flux2.py",
+    Mutant("slices: Flux 2 q/k/v row offsets", "engine/keymaps/flux2.py",
            "put(key_map, f\"{d}.attn.{n}\", rows(f\"{c}.{s}_attn.qkv\", j * h, h))",
            "put(key_map, f\"{d}.attn.{n}\", rows(f\"{c}.{s}_attn.qkv\", (2 - j) * h, h))",
            ("tests/comfy/test_families.py", "-k", "flux2")),
-    Mutant("slices: HunyuanVideo MLP rows of linear1", "nodes/keymaps/hunyuan_video.py",
+    Mutant("slices: HunyuanVideo MLP rows of linear1", "engine/keymaps/hunyuan_video.py",
            "rows(f\"{c}.linear1\", 3 * h, mlp)", "rows(f\"{c}.linear1\", 2 * h, mlp)",
            ("tests/comfy/test_families.py", "-k", "hunyuan_video and not 15")),
     # the base subtraction
@@ -73,37 +77,61 @@ MUTANTS = (
            "il, iu, zero = c_int(n - k + 1), c_int(n), c_dbl(0.0)", "il, iu, zero = c_int(1), c_int(k), c_dbl(0.0)",
            tuple(UNIT)),
     # the rest of the per-call path
-    Mutant("strength ignored", "nodes/patcher.py", "y2.addmm_(h.reshape(-1, n), up_t[:n], alpha=self.strength)",
+    Mutant("strength ignored", "tlora_core/slot.py", "y2.addmm_(h.reshape(-1, n), up_t[:n], alpha=self.strength)",
            "y2.addmm_(h.reshape(-1, n), up_t[:n])", ("tests/comfy/test_conformance.py",)),
-    Mutant("rank of the call ignored (all ranks)", "nodes/patcher.py",
-           "r = self.rank if st.rank is None else min(st.rank, self.rank)", "r = self.rank", tuple(FAMILIES)),
-    Mutant("row reorder (swap_scale_shift) ignored", "nodes/bases.py",
-           "FactorCache(a.with_rows(t.reorder) if t.reorder is not None else a)", "FactorCache(a)",
+    Mutant("rank of the call ignored (all ranks)", "tlora_core/slot.py",
+           "r = self.rank if act.rank is None else min(act.rank, self.rank)", "r = self.rank", tuple(FAMILIES)),
+    Mutant("row reorder (swap_scale_shift) ignored", "engine/bases.py",
+           "a.with_rows(t.reorder) if t.reorder is not None else a", "a",
            ("tests/comfy/test_families.py", "-k", "sd3 or hunyuan")),
 )
 
 
-def run(m: Mutant) -> tuple[bool, float]:
-    path = ROOT / m.path
+def scratch_copy() -> Path:
+    """The tracked files in a temporary folder, with the checkout's environment (.venv, .host, .cache) linked in."""
+    work = Path(tempfile.mkdtemp(prefix="tlora-mutate-"))
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, tracked.decode().split("\0")):
+        if (ROOT / rel).is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, work / rel)
+    for env in (".venv", ".host", ".cache"):
+        if (ROOT / env).exists():
+            (work / env).symlink_to(ROOT / env)
+    return work
+
+
+def run(m: Mutant, work: Path) -> tuple[str, float]:
+    """'killed' (a test failed), 'SURVIVED' (all passed) or 'ERROR <code>' (collection error, crash, no tests)."""
+    path = work / m.path
     source = path.read_text()
     if source.count(m.old) != 1:
         raise SystemExit(f"mutant '{m.name}': snippet not found exactly once in {m.path}; update scripts/mutate.py")
     t0 = time.perf_counter()
     path.write_text(source.replace(m.old, m.new))
     try:
-        res = subprocess.run([PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests], cwd=ROOT,
-                             capture_output=True, text=True)
+        res = subprocess.run([PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests], cwd=work,
+                             capture_output=True, text=True, env={**os.environ, "TLORA_TINY_DIR": str(ROOT / ".cache" /
+                                                                                                   "tiny")})
     finally:
         path.write_text(source)
-    return res.returncode != 0, time.perf_counter() - t0
+    outcome = {0: "SURVIVED", 1: "killed"}.get(res.returncode, f"ERROR {res.returncode}")
+    if outcome.startswith("ERROR"):
+        print(res.stdout[-2000:] + res.stderr[-2000:], file=sys.stderr)
+    return outcome, time.perf_counter() - t0
 
 
 def main() -> int:
     results = []
-    for m in MUTANTS:
-        killed, secs = run(m)
-        results.append({"mutant": m.name, "file": m.path, "killed": killed, "seconds": round(secs, 1)})
-        print(f"{'killed' if killed else 'SURVIVED':>8}  {secs:6.1f} s  {m.name}", flush=True)
+    work = scratch_copy()
+    try:
+        for m in MUTANTS:
+            outcome, secs = run(m, work)
+            results.append({"mutant": m.name, "file": m.path, "outcome": outcome, "killed": outcome == "killed",
+                            "seconds": round(secs, 1)})
+            print(f"{outcome:>8}  {secs:6.1f} s  {m.name}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     killed = sum(r["killed"] for r in results)
     print(f"{killed} of {len(results)} mutants killed")
     (ROOT / "test_artifacts").mkdir(exist_ok=True)

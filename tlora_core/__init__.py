@@ -6,9 +6,9 @@ Imports torch, numpy and safetensors only; never ComfyUI.
 from .adapter import ORTHO, VANILLA, ModuleAdapter
 from .errors import TLoRAError
 from .formats import TLoRA, load_tlora
-from .schedule import DISCRETE, FLOW, TIMESTEP_MODES, active_rank, timestep_from_sigma
+from .schedule import DISCRETE, FLOW, TIMESTEP_MODES, active_rank, discrete_timestep, flow_timestep
 
 __all__ = [
     "DISCRETE", "FLOW", "ORTHO", "TIMESTEP_MODES", "VANILLA", "ModuleAdapter", "TLoRA", "TLoRAError",
-    "active_rank", "load_tlora", "timestep_from_sigma",
+    "active_rank", "discrete_timestep", "flow_timestep", "load_tlora",
 ]

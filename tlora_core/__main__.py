@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -21,8 +20,9 @@ import torch
 
 from . import TLoRAError, load_tlora
 from .checkpoint import Checkpoint
-from .embed import write_self_contained
-from .svd import BaseJob, SVDCache, base_triplets, default_workers, tensor_digest
+from .digest import cache_key, weight_digest
+from .embed import source_record, write_self_contained
+from .svd import BaseJob, SVDCache, compute_base_triplets, default_workers
 
 log = logging.getLogger("tlora.cli")
 
@@ -39,6 +39,21 @@ def _float_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return ckpt.weight(name).float()
 
 
+class _Digests:
+    """Per module, from one read of its weight: the SVD cache key, the digest recorded in the file, the storage."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.weights: dict[str, str] = {}
+        self.storage: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        w = self.ckpt.weight(name)
+        self.weights[name] = weight_digest(w)
+        self.storage.add(str(w.dtype).removeprefix("torch."))
+        return cache_key(w)
+
+
 def embed_base(path: str, base: str, out: str | None = None, cache_dir: str | None = None) -> str:
     """Write `<name>.with_base.safetensors` (or `out`) for a LyCORIS T-LoRA and the checkpoint it was trained on."""
     tl = load_tlora(path)
@@ -48,19 +63,18 @@ def embed_base(path: str, base: str, out: str | None = None, cache_dir: str | No
         if missing:
             raise TLoRAError(path, f"{len(missing)} of {len(tl.modules)} modules have no weight in {base} (e.g. "
                                    f"{missing[0]}): give the diffusers-format checkpoint the T-LoRA was trained on")
-        digests = {n: tensor_digest(ckpt.weight(n)) for n in sorted(tl.modules)}
-        jobs = [BaseJob(n, a.rank, (a.out_features, a.in_features), partial(digests.__getitem__, n),
+        digests = _Digests(ckpt)
+        # no cache: the digest callable still runs (it records what the file needs), the key is just unused
+        jobs = [BaseJob(n, a.rank, (a.out_features, a.in_features), partial(digests, n),
                         partial(_float_weight, ckpt, n)) for n, a in tl.modules.items()]
-        stored = {str(ckpt.weight(n).dtype).removeprefix("torch.") for n in list(tl.modules)[:1]}
 
         def progress(done: int, total: int) -> None:
             if done == total or done % 25 == 0:
                 log.info("SVD base: %d / %d layers", done, total)
 
-        triplets = base_triplets(jobs, SVDCache(cache_dir), progress, workers=default_workers("cpu"))
-    identity = hashlib.blake2b("".join(digests[n] for n in sorted(digests)).encode(), digest_size=20).hexdigest()
-    source = {"checkpoint": os.path.basename(os.path.normpath(base)), "checkpoint_digest": identity,
-              "storage": ",".join(sorted(stored)), "created_by": "tlora_core embed-base"}
+        triplets = compute_base_triplets(jobs, SVDCache(cache_dir), progress, workers=default_workers("cpu"))
+    source = source_record(os.path.basename(os.path.normpath(base)), digests.weights, digests.storage,
+                           "tlora_core embed-base")
     return write_self_contained(tl, triplets, out, source)
 
 

@@ -21,12 +21,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .digest import BASE_SUFFIXES, FORMAT_VERSION, checkpoint_digest, stored_base_digest
 from .errors import TLoRAError
 from .formats import BASE_METADATA, TLoRA
-from .layouts import BASE_SUFFIXES, LYCORIS, stored_base_digest
+from .layouts import LYCORIS
 from .svd import Triplets
 
-FORMAT_VERSION = 1
+
+def source_record(checkpoint: str, weight_digests: Mapping[str, str], storage: set[str] | list[str],
+                  created_by: str) -> dict[str, Any]:
+    """Where a stored base comes from, as every writer records it: the checkpoint's name, `checkpoint_digest` of
+    the weights the base was built from (`digest.weight_digest` per module), their storage, and the writer."""
+    return {"checkpoint": checkpoint.strip() or "unnamed", "checkpoint_digest": checkpoint_digest(weight_digests),
+            "storage": ",".join(sorted(set(storage))), "created_by": created_by}
 
 
 def base_tensors(tl: TLoRA, triplets: Mapping[str, Triplets]) -> dict[str, torch.Tensor]:
@@ -63,8 +70,21 @@ def write_self_contained(tl: TLoRA, triplets: Mapping[str, Triplets], out_path: 
             metadata.setdefault(key, str(tl.recorded[field_name][0]))
     info = {"version": FORMAT_VERSION, **source, "layers": len(tl.modules), "digest": stored_base_digest(base)}
     metadata[BASE_METADATA] = json.dumps(info, sort_keys=True)
+    return write_atomically(tensors, out_path, metadata)
+
+
+def write_atomically(tensors: Mapping[str, torch.Tensor], out_path: str, metadata: Mapping[str, str]) -> str:
+    """A safetensors file written to a temporary name and renamed into place: readers never see a partial file, and
+    a failed write leaves nothing behind."""
     tmp = f"{out_path}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, out_path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return out_path

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layouts
+from . import digest, layouts
 from . import recorded as rec
 from .adapter import ModuleAdapter
 from .errors import TLoRAError
@@ -81,7 +81,7 @@ def load_tlora(path: str | os.PathLike[str], assume_vanilla: bool = False, sidec
     if not sd:
         raise TLoRAError(path, "the file holds no tensors")
     groups, families, unknown = layouts.group_tensors(sd)
-    fmt = _format(path, families, groups, sd, metadata, assume_vanilla)
+    fmt = check_format(path, families, set(groups), list(sd), metadata, assume_vanilla)
     if unknown:
         log.warning("%s: %d tensors of unknown role ignored (e.g. %s)", os.path.basename(path), len(unknown),
                     unknown[0])
@@ -107,13 +107,14 @@ def load_tlora(path: str | os.PathLike[str], assume_vanilla: bool = False, sidec
                  integer_timestep=not (fmt == OFFICIAL_VANILLA and is_pickle(path)))
 
 
-def _format(path: str, families: set[str], groups: dict[str, layouts.Group], sd: dict[str, Any],
-            metadata: dict[str, str], assume_vanilla: bool) -> str:
+def check_format(path: str, families: set[str], module_names: set[str], keys: list[str], metadata: dict[str, str],
+                 assume_vanilla: bool) -> str:
+    """The file's format from its layout families and names; refuses mixed layouts and unmarked standard LoRAs."""
     if not families:
-        raise TLoRAError(path, guess_other(list(sd)))
+        raise TLoRAError(path, guess_other(keys))
     if len(families) > 1:
         raise TLoRAError(path, f"mixes several layouts ({', '.join(sorted(families))}); one file must use one")
-    fmt = layouts.format_of(next(iter(families)), groups)
+    fmt = layouts.format_of(next(iter(families)), module_names)
     if fmt in STANDARD_LAYOUTS and not (assume_vanilla or rec.says_tlora(metadata)):
         raise TLoRAError(path, f"this is a standard LoRA ({fmt} layout) with no T-LoRA marker in its metadata. If it "
                                "was trained as a vanilla T-LoRA, switch on 'vanilla_tlora' (assume_vanilla); "
@@ -134,12 +135,16 @@ def _check_stored_base(path: str, fmt: str, modules: dict[str, ModuleAdapter], s
         raise TLoRAError(path, f"stores the SVD base of {stored} of {len(modules)} modules: a self-contained file "
                                f"stores all of them (truncated or edited?); {again}")
     try:
-        want = json.loads(metadata.get(BASE_METADATA, "{}")).get("digest")
-    except (ValueError, AttributeError):
-        want = None
+        record = json.loads(metadata.get(BASE_METADATA, "{}"))
+        want, version = record.get("digest"), int(record.get("version", 1))
+    except (ValueError, AttributeError, TypeError):
+        want, version = None, 0
     if not want:
         raise TLoRAError(path, f"stores an SVD base without the '{BASE_METADATA}' record of it (not written by "
                                f"'Save T-LoRA with base'); {again}")
-    if layouts.stored_base_digest(sd) != want:
+    if version not in digest.FORMAT_SALTS:
+        raise TLoRAError(path, f"its stored SVD base is in format version {version}, which this version of the pack "
+                               "does not know (written by a newer ComfyUI-TLoRA?): update ComfyUI-TLoRA")
+    if digest.stored_base_digest(sd, version) != want:
         raise TLoRAError(path, f"its stored SVD base was changed after it was written (digest mismatch): the file "
                                f"is damaged or edited; {again}")

@@ -40,7 +40,8 @@ def _functions() -> dict[str, Any] | None:
         ptr = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
         return ctypes.CFUNCTYPE(None, *([_P] * nargs))(ptr)
 
-    out: dict[str, Any] = {"dsyrk": fn(cblas, "dsyrk", 10), "dsyevr": fn(clapack, "dsyevr", 21), "threads": None}
+    out: dict[str, Any] = {"dsyrk": fn(cblas, "dsyrk", 10), "dgemm": fn(cblas, "dgemm", 13),
+                           "dsyevr": fn(clapack, "dsyevr", 21), "threads": None}
     for lib in glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs", "libscipy_openblas*.so")):
         setter = getattr(ctypes.CDLL(lib), "openblas_set_num_threads_local", None)
         if setter is not None:
@@ -92,3 +93,21 @@ def top_gram_eigh(w: np.ndarray, tall: bool, k: int) -> tuple[np.ndarray, np.nda
     if info.value != 0 or found.value != k:
         raise ArithmeticError(f"LAPACK dsyevr failed (info {info.value}, {found.value} of {k} eigenpairs)")
     return evals[:k], evecs
+
+
+def project(w: np.ndarray, vecs: np.ndarray, tall: bool) -> np.ndarray:
+    """W @ V (tall) or W^T @ U (wide) for the C-ordered float64 W and the Fortran eigenvectors of `top_gram_eigh`,
+    on this thread's BLAS (no process-wide thread setting), with the GIL released."""
+    f = _functions()
+    assert f is not None
+    a = np.asarray(w, dtype=np.float64).T  # Fortran (in, out)
+    rows, cols = a.shape
+    b = np.asfortranarray(vecs, dtype=np.float64)
+    k = b.shape[1]
+    m, inner = (cols, rows) if tall else (rows, cols)
+    out = np.zeros((m, k), order="F")
+    c_int, c_dbl = ctypes.c_int, ctypes.c_double
+    m_, n_, k_, lda, ldb, ldc = c_int(m), c_int(k), c_int(inner), c_int(rows), c_int(inner), c_int(m)
+    f["dgemm"](b"T" if tall else b"N", b"N", _ref(m_), _ref(n_), _ref(k_), _ref(c_dbl(1.0)), _P(a.ctypes.data),
+               _ref(lda), _P(b.ctypes.data), _ref(ldb), _ref(c_dbl(0.0)), _P(out.ctypes.data), _ref(ldc))
+    return out

@@ -1,4 +1,4 @@
-"""Tensor layouts of T-LoRA files, and how each becomes `ModuleAdapter`s (see docs/formats.md).
+"""Tensor layouts of T-LoRA files, and how each becomes `ModuleAdapter`s (docs/formats.md).
 
   lycoris_tlora     SimpleTuner / LyCORIS `algo=tlora`: q_layer, p_layer, lambda_layer, alpha. The SVD base is
                     rebuilt from the model's weight at load, unless the file is self-contained (it then also
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from .adapter import ORTHO, VANILLA, ModuleAdapter
 from .errors import TLoRAError
-from .svd import tensor_digest
 
 LYCORIS = "lycoris_tlora"
 OFFICIAL_ORTHO = "official_ortho"
@@ -58,7 +58,6 @@ SUFFIXES = {
     ".alpha": ("", "alpha"),
 }
 _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
-BASE_SUFFIXES = (".base_q", ".base_p", ".base_lambda")  # what a self-contained LyCORIS file adds
 
 Group = dict[str, torch.Tensor]
 
@@ -89,17 +88,11 @@ def group_tensors(sd: dict[str, torch.Tensor]) -> tuple[dict[str, Group], set[st
     return groups, families, unknown
 
 
-def format_of(family: str, groups: dict[str, Group]) -> str:
+def format_of(family: str, module_names: Iterable[str]) -> str:
     """The file format of an ortho / vanilla / standard layout family."""
     if family == "ortho":
-        return OFFICIAL_ORTHO if any(".processor." in n for n in groups) else LYCORIS
+        return OFFICIAL_ORTHO if any(".processor." in n for n in module_names) else LYCORIS
     return family
-
-
-def stored_base_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Digest of a self-contained file's stored-base tensors, in name order."""
-    names = sorted(k for k in tensors if k.endswith(BASE_SUFFIXES))
-    return tensor_digest(*[part for k in names for part in (k, tensors[k])])
 
 
 def is_text_encoder(name: str) -> bool:

@@ -124,3 +124,33 @@ def _simple_yaml(path: str) -> dict[str, Any]:
     except (OSError, ValueError):  # unreadable, or not UTF-8 text
         pass
     return out
+
+
+# Where the schedule of a Load T-LoRA node comes from (js/tlora_schedule.js `resolveSchedule` ports this; the
+# frontend tier runs both on one table of cases).
+SCHEDULE_SOURCES = ("file", "sliders", "all_ranks")
+
+
+def resolve_schedule(defaults: Recorded, source: str, max_rank: int, min_rank: int,
+                     alpha: float) -> tuple[int, int, float, str]:
+    """(max_rank, min_rank, alpha, explanation) from a file's `schedule_defaults()` and the node's widgets.
+
+    max_rank: the widget when > 0 (at most the file's rank), else the file's rank. file: min_rank and alpha as the
+    file records them, each falling back to its slider where the file records nothing. sliders: the sliders.
+    all_ranks: every rank at every step (min_rank = max_rank)."""
+    file_rank = int(defaults["max_rank"][0])
+    if max_rank and max_rank > file_rank:
+        raise ValueError(f"max_rank override {max_rank} exceeds the file's rank {file_rank}")
+    r = max_rank or file_rank
+    if source == "file":
+        mr = defaults["min_rank"] if defaults["min_rank"][1] != "default" else (min_rank, "slider")
+        al = defaults["alpha"] if defaults["alpha"][1] != "default" else (alpha, "slider")
+    elif source == "sliders":
+        mr, al = (min_rank, "slider"), (alpha, "slider")
+    elif source == "all_ranks":
+        mr, al = (r, "all_ranks"), (1.0, "all_ranks")
+    else:
+        raise ValueError(f"schedule_source must be one of {', '.join(SCHEDULE_SOURCES)}, got {source!r}")
+    why = (f"max_rank {r} ({'override' if max_rank else 'file rank'}), min_rank {mr[0]:g} ({mr[1]}), "
+           f"alpha {al[0]:g} ({al[1]})")
+    return int(r), int(mr[0]), float(al[0]), why

@@ -44,27 +44,23 @@ def active_rank(
     return min(r, max_rank)
 
 
-def timestep_from_sigma(sigma: float, mode: str, discrete_timestep: float | None = None,
-                        integer: bool = True) -> float:
-    """The trainer's t for one sampler sigma.
-
-    DISCRETE: the model's own timestep for sigma (ComfyUI `model_sampling.timestep(sigma)`),
-    passed as `discrete_timestep`, truncated like `int(t)` in the trainers' loops.
-    FLOW: int(sigma * 1000), sigma in [0, 1] after shift. `integer=False` keeps sigma * 1000 as a
-    float, which is what the official T-LoRA Flux pipeline feeds its mask.
-    """
-    if mode == DISCRETE:
-        if discrete_timestep is None:
-            raise ValueError("discrete mode needs the model's timestep for this sigma")
-        t = float(discrete_timestep)
-    elif mode == FLOW:
-        t = float(sigma) * MAX_TIMESTEP
-    else:
-        raise ValueError(f"timestep mode must be one of {TIMESTEP_MODES}, got {mode!r}")
+def _trainer_t(t: float, what: str, integer: bool) -> float:
     if not math.isfinite(t):
-        raise ValueError(f"sigma {sigma!r} gives no finite timestep")
+        raise ValueError(f"{what} gives no finite timestep")
     t = min(max(t, 0.0), float(MAX_TIMESTEP))
     return int(t) if integer else t
+
+
+def flow_timestep(sigma: float, integer: bool = True) -> float:
+    """The t a flow-model trainer fed its mask: int(sigma * 1000), sigma in [0, 1] after shift. `integer=False` keeps
+    sigma * 1000 as a float, which is what the official T-LoRA Flux pipeline feeds its mask."""
+    return _trainer_t(float(sigma) * MAX_TIMESTEP, f"sigma {sigma!r}", integer)
+
+
+def discrete_timestep(model_t: float, integer: bool = True) -> float:
+    """The t a DDPM trainer fed its mask for the model's own timestep of a sigma (ComfyUI
+    `model_sampling.timestep(sigma)`), truncated like `int(t)` in the trainers' loops."""
+    return _trainer_t(float(model_t), f"model timestep {model_t!r}", integer)
 
 
 def schedule_table(max_rank: int, min_rank: int = 1, alpha: float = 1.0,

@@ -4,17 +4,17 @@ LyCORIS `tlora` files do not store the SVD base they were trained against (P0, Q
 triplets of the base weight). It is rebuilt exactly: eigen-decomposition of the smaller Gram matrix in float64
 (accurate to < 1e-6 relative on the rank-one terms that matter), never a randomized approximation.
 
-`base_triplets` takes one `BaseJob` per layer and touches one weight at a time: look its content key up in the
+`compute_base_triplets` takes one `BaseJob` per layer and touches one weight at a time: look its content key up in the
 cache, and only on a miss fetch the weight, decompose it, keep the small factors and drop the weight, so peak
 memory is one layer's working set whatever the number of layers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,23 +26,24 @@ from . import lapack
 
 log = logging.getLogger("tlora.svd")
 
-# Bump when the computation or the key changes, so old cache entries are never served.
-CACHE_VERSION = 2
-
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Progress = Callable[[int, int], None]
+DEFAULT_MAX_BYTES = int(os.environ.get("TLORA_CACHE_MAX_MB", "4096")) << 20  # SVD cache size limit
 
 _NULL_TOL = torch.finfo(torch.float64).eps ** 0.5
 
 
-def _top_eigh(w: torch.Tensor, tall: bool, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs (ascending) of W^T W (tall) or W W^T (wide), float64: LAPACK's subset solver on the CPU
-    (see lapack.py), torch's full eigh elsewhere (GPU) or without SciPy."""
+def _top_eigh(w: torch.Tensor, tall: bool, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs (ascending) of W^T W (tall) or W W^T (wide), float64, and W @ evecs (tall) or W^T @ evecs
+    (wide): LAPACK's subset solver and this thread's BLAS on the CPU (see lapack.py), torch's full eigh elsewhere
+    (GPU) or without SciPy."""
     if w.device.type == "cpu" and lapack.available():
         evals, evecs = lapack.top_gram_eigh(w.numpy(), tall, k)
-        return torch.from_numpy(evals), torch.from_numpy(evecs)
+        proj = lapack.project(w.numpy(), evecs, tall)
+        return torch.from_numpy(evals), torch.from_numpy(evecs), torch.from_numpy(proj)
     evals, evecs = torch.linalg.eigh(w.T @ w if tall else w @ w.T)
-    return evals[-k:], evecs[:, -k:]
+    evecs = evecs[:, -k:]
+    return evals[-k:], evecs, (w @ evecs) if tall else (w.T @ evecs)
 
 
 def top_singular(weight: torch.Tensor, rank: int) -> Triplets:
@@ -55,13 +56,13 @@ def top_singular(weight: torch.Tensor, rank: int) -> Triplets:
     k = min(rank, *w.shape)
     tall = w.shape[1] <= w.shape[0]
     # eigenvectors of the smaller Gram matrix are v (tall weight) or u (wide weight)
-    evals, evecs = _top_eigh(w, tall, k)
-    vecs = evecs.flip(1)
+    evals, evecs, proj = _top_eigh(w, tall, k)
+    vecs, proj = evecs.flip(1), proj.flip(1)
     s = evals.flip(0).clamp_min(0).sqrt()
     # Singular values below the Gram matrix's round-off (~sqrt(eps) * s_max) are numerically zero:
     # their terms get zero vectors, never w @ v / s (which overflows float32 on rank-deficient weights).
     null = s <= s[:1] * _NULL_TOL
-    other = torch.where(null, 0.0, ((w @ vecs) if tall else (w.T @ vecs)) / torch.where(null, 1.0, s))
+    other = torch.where(null, 0.0, proj / torch.where(null, 1.0, s))
     u, v = (other, vecs) if tall else (vecs, other)
     if k < rank:
         pad = rank - k
@@ -71,26 +72,16 @@ def top_singular(weight: torch.Tensor, rank: int) -> Triplets:
     return u.float(), s.float(), v.float()
 
 
-def tensor_digest(*parts: torch.Tensor | str) -> str:
-    """Content key of tensors (dtype, shape and bytes) and strings: SHA-256 (with the CPUs' SHA extensions about
-    twice as fast as BLAKE2b here), 40 hex digits."""
-    h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}".encode())
-    for p in parts:
-        if isinstance(p, str):
-            h.update(b"s" + p.encode())
-            continue
-        t = p.detach().contiguous().cpu()
-        h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:40]
-
-
 class SVDCache:
-    """Directory of `<digest>-r<rank>.safetensors` files holding (u, s, v); `None` dir = no cache."""
+    """Directory of `<digest>-r<rank>.safetensors` files holding (u, s, v); `None` dir = no cache.
 
-    def __init__(self, directory: str | os.PathLike[str] | None):
+    Bounded: after each write the least recently used entries (a hit refreshes an entry's time) are removed until
+    the folder holds at most `max_bytes`."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None, max_bytes: int = DEFAULT_MAX_BYTES):
         self.directory = None if directory is None else os.fspath(directory)
+        self.max_bytes = max_bytes
+        self._written = 0
 
     def _path(self, digest: str, rank: int) -> str:
         assert self.directory is not None
@@ -104,10 +95,15 @@ class SVDCache:
             return None
         try:
             d = load_file(path)
-            return d["u"], d["s"], d["v"]
+            usv = d["u"], d["s"], d["v"]
         except Exception as e:  # a torn or foreign file: recompute and overwrite
             log.warning("ignoring unreadable SVD cache entry %s: %s", path, e)
             return None
+        try:
+            os.utime(path)  # recently used: kept longest by `prune`
+        except OSError:
+            pass
+        return usv
 
     def put(self, digest: str, rank: int, usv: Triplets) -> None:
         if self.directory is None:
@@ -116,8 +112,45 @@ class SVDCache:
         path = self._path(digest, rank)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         u, s, v = usv
-        save_file({"u": u.contiguous().cpu(), "s": s.contiguous().cpu(), "v": v.contiguous().cpu()}, tmp)
-        os.replace(tmp, path)
+        try:
+            save_file({"u": u.contiguous().cpu(), "s": s.contiguous().cpu(), "v": v.contiguous().cpu()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        self._written += os.path.getsize(path)
+
+    def prune(self) -> int:
+        """Remove the least recently used entries beyond `max_bytes`; returns how many were removed."""
+        if self.directory is None or not os.path.isdir(self.directory):
+            return 0
+        entries = []
+        for e in os.scandir(self.directory):
+            if e.name.endswith(".safetensors"):
+                try:
+                    st = e.stat()
+                except OSError:
+                    continue
+                entries.append((st.st_mtime, st.st_size, e.path))
+            elif e.name.endswith(".tmp") and time.time() - e.stat().st_mtime > 3600:
+                _unlink(e.path)  # left by a process killed mid-write
+        total, removed = sum(size for _, size, _ in entries), 0
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            _unlink(path)
+            total, removed = total - size, removed + 1
+        if removed:
+            log.info("SVD cache %s: removed %d least recently used entries (limit %d MB)", self.directory, removed,
+                     self.max_bytes >> 20)
+        return removed
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -150,7 +183,7 @@ def default_workers(device: torch.device | str) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def base_triplets(jobs: Iterable[BaseJob], cache: SVDCache | None = None, progress: Progress | None = None,
+def compute_base_triplets(jobs: Iterable[BaseJob], cache: SVDCache | None = None, progress: Progress | None = None,
                   stats: dict[str, int] | None = None, workers: int = 1) -> dict[str, Triplets]:
     """Top-r triplets (float32, CPU) for each layer, from the cache where the content matches; `workers` layers at
     a time (peak memory: that many layers' working sets)."""
@@ -179,15 +212,17 @@ def base_triplets(jobs: Iterable[BaseJob], cache: SVDCache | None = None, progre
                 progress(done[0], len(jobs))
         return usv
 
-    if workers <= 1 or len(jobs) <= 1:
-        return {job.name: run(job) for job in jobs}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers share the cores: one thread each
     try:
+        if workers <= 1 or len(jobs) <= 1:
+            return {job.name: run(job) for job in jobs}
+        # each worker's LAPACK/BLAS calls run on one thread of its own (lapack.single_threaded_blas), so no
+        # process-wide thread setting is touched
         with ThreadPoolExecutor(workers) as ex:
             return dict(zip([j.name for j in jobs], ex.map(run, jobs), strict=True))
     finally:
-        torch.set_num_threads(threads)
+        if cache is not None and cache._written:
+            cache.prune()
+            cache._written = 0
 
 
 def _from_cache(job: BaseJob, digest: str, cache: SVDCache | None) -> Triplets | None:

@@ -68,7 +68,8 @@ def model_and_targets(pack, layers, tl, dtype=torch.float32, device="cpu"):
         lin.weight = torch.nn.Parameter((torch.randn(o, n, generator=g) / n ** 0.5).to(device, dtype),
                                         requires_grad=False)
         model.add_module(f"l{i}", lin)
-        targets.append(pack.nodes.plan.Target(f"l{i}", f"l{i}.weight", tl.modules["lycoris_" + name.replace(".", "_")]))
+        adapter = tl.modules["lycoris_" + name.replace(".", "_")]
+        targets.append(pack.engine.plan.LayerTarget(f"l{i}", f"l{i}.weight", adapter))
     return comfy.model_patcher.ModelPatcher(model, torch.device(device), torch.device(device)), targets
 
 
@@ -93,12 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         patcher, targets = model_and_targets(pack, layers, tl)
         cache = pack.tlora_core.svd.SVDCache(Path(d) / "svd_cache")
         with PeakRSS() as rss:
-            prepared = pack.nodes.bases.prepare(patcher, tl, targets, ("probe",), cache, "cpu")
+            prepared = pack.engine.bases.prepare(patcher, tl, targets, ("probe",), cache, "cpu")
     shapes = [s for _, s in layers]
     print(json.dumps({"layers": args.layers, "peak_rss_growth": rss.growth,
                       "workers": pack.tlora_core.svd.default_workers("cpu"),
                       "working_set": working_set(shapes, args.rank),
-                      "factors": sum((o + n + 1) * args.rank * 4 for o, n in shapes), "ready": len(prepared.factors)}))
+                      "factors": sum((o + n + 1) * args.rank * 4 for o, n in shapes), "ready": len(prepared.adapters)}))
 
 
 if __name__ == "__main__":

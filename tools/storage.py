@@ -85,7 +85,7 @@ def values(pack, loaded) -> dict[str, torch.Tensor]:
         for pname, p in list(module.named_parameters(recurse=False)):
             key = f"{name}.{pname}"
             if pname == "weight":
-                out[key] = pack.nodes.weights.layer_weight(loaded, key).dequantized("cpu")
+                out[key] = pack.engine.weights.layer_weight(loaded, key).dequantized("cpu")
             elif p.is_floating_point():
                 out[key] = p.detach().float()
     return out

@@ -29,7 +29,7 @@ TOL = 1e-4
 
 def attach(pack, patcher, tl, strength=1.0, max_rank=R, min_rank=MIN_RANK, alpha=ALPHA, mode="auto"):
     """The pack's apply_tlora on `patcher`: (clone, application)."""
-    apply = pack.nodes.apply
+    apply = pack.engine.apply
     return apply.apply_tlora(patcher, tl, apply.Settings(strength, max_rank, min_rank, alpha, mode))
 
 

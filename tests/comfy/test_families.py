@@ -114,9 +114,9 @@ def test_family_matches_lycoris_at_every_timestep(pack, family, tmp_path):
     try:
         tl = pack.tlora_core.load_tlora(path)
         assert tl.format == "lycoris_tlora" and len(tl.modules) == len(net.loras) > 0
-        plan = pack.nodes.plan.plan(twin.patcher, tl)
+        plan = pack.engine.plan.plan(twin.patcher, tl)
         assert not plan.unmatched and not plan.skipped, f"unmatched {plan.unmatched[:5]}, skipped {plan.skipped}"
-        apply = pack.nodes.apply
+        apply = pack.engine.apply
         clone, app = apply.apply_tlora(twin.patcher, tl, apply.Settings(1.0, R, MIN_RANK, ALPHA))
         probes = _probes(pack, twin.patcher, plan.targets, net)
         twin.diffusers.double()

@@ -29,17 +29,17 @@ def setup(pack, tmp_path, monkeypatch):
 
 
 def _apply(pack, patcher, path, strength=1.0, min_rank=1, alpha=1.0):
-    apply = pack.nodes.apply
-    tl = apply.read_file(str(path), False)
-    r, mr, al, _ = pack.nodes.loader.resolve_schedule(tl, "file", 0, min_rank, alpha)
+    apply = pack.engine.apply
+    tl = pack.engine.files.read_file(str(path), False)
+    r, mr, al, _ = pack.engine.apply.resolve_schedule(tl, "file", 0, min_rank, alpha)
     return apply.apply_tlora(patcher, tl, apply.Settings(strength, r, mr, al))[1]
 
 
 def test_rerun_with_other_sliders_does_no_hashing_and_no_svd(pack, setup):
     patcher, path = setup
-    stats = pack.nodes.bases.stats
+    stats = pack.engine.bases.stats
     _apply(pack, patcher, path)
-    first = dict(stats)
+    first = stats.snapshot()
     assert first["svd"] > 0
     for strength, min_rank, alpha in ((0.5, 1, 1.0), (1.0, 4, 2.0), (-1.0, 2, 0.5)):
         app = _apply(pack, patcher, path, strength, min_rank, alpha)
@@ -53,15 +53,15 @@ def test_edited_sidecar_changes_the_schedule_at_the_next_run(pack, setup):
     sidecar = path.parent / "lycoris_config.json"
     sidecar.write_text(json.dumps({"algo": "tlora", "tlora_min_rank": 2, "tlora_alpha": 1.5}))
     assert (_apply(pack, patcher, path).state.min_rank, _apply(pack, patcher, path).state.alpha) == (2, 1.5)
-    before = dict(pack.nodes.bases.stats)
+    before = pack.engine.bases.stats.snapshot()
     time.sleep(0.01)  # a new mtime
     sidecar.write_text(json.dumps({"algo": "tlora", "tlora_min_rank": 5, "tlora_alpha": 0.5}))
     app = _apply(pack, patcher, path)
     assert (app.state.min_rank, app.state.alpha) == (5, 0.5)
     # the file is read again, but the weights are the same: no hashing, no SVD
-    stats = pack.nodes.bases.stats
+    stats = pack.engine.bases.stats
     assert stats["svd"] == before["svd"] and stats["digests"] == before["digests"]
-    key = pack.nodes.apply.file_key(str(path))
+    key = pack.engine.files.file_key(str(path))
     assert any(str(sidecar) in str(part) for part in key)  # what fingerprint_inputs hands ComfyUI's cache too
 
 
@@ -69,11 +69,11 @@ def test_weight_rewritten_in_place_is_noticed(pack, setup):
     """ComfyUI copies weights with `param.data.copy_` (identity and version unchanged): the sampled content key
     still sees the change, and only that layer is hashed and decomposed again."""
     patcher, path = setup
-    stats = pack.nodes.bases.stats
+    stats = pack.engine.bases.stats
     _apply(pack, patcher, path)
-    before = dict(stats)
-    tl = pack.nodes.apply.read_file(str(path), False)
-    target = pack.nodes.plan.plan(patcher, tl).targets[5]
+    before = stats.snapshot()
+    tl = pack.engine.files.read_file(str(path), False)
+    target = pack.engine.plan.plan(patcher, tl).targets[5]
     import comfy.utils
 
     w = comfy.utils.get_attr(patcher.model, target.key)

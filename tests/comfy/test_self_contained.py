@@ -30,7 +30,7 @@ def made(pack, tmp_path_factory):
     tm.write_lycoris_tlora(twin.diffusers, path, R, R, seed=2, strength=1.0).restore()
     (d / "lycoris_config.json").write_text(json.dumps({"algo": "tlora", "linear_dim": R, "tlora_min_rank": 3,
                                                        "tlora_alpha": 1.5}))
-    out = pack.nodes.save.save_with_base(twin.patcher, str(path), str(d / "with_base.safetensors"), "sd15 twin")
+    out = pack.engine.save.save_with_base(twin.patcher, str(path), str(d / "with_base.safetensors"), "sd15 twin")
     return {"twin": twin, "plain": path, "contained": out, "dir": d}
 
 
@@ -44,9 +44,9 @@ def test_the_file_records_its_base_and_schedule(pack, made):
     assert len(info["checkpoint_digest"]) == 40
     d = tl.schedule_defaults()
     assert d["min_rank"][0] == 3 and d["alpha"][0] == pytest.approx(1.5) and "metadata" in d["min_rank"][1]
-    keys = {t.adapter.name: t.key for t in pack.nodes.plan.plan(made["twin"].patcher, plain).targets}
+    keys = {t.adapter.name: t.key for t in pack.engine.plan.plan(made["twin"].patcher, plain).targets}
     for name, a in tl.modules.items():  # the stored base is the top-r SVD of the layer's weight
-        w = pack.nodes.weights.layer_weight(made["twin"].patcher, keys[name]).dequantized()
+        w = pack.engine.weights.layer_weight(made["twin"].patcher, keys[name]).dequantized()
         assert pack.tlora_core.diagnostics.base_fit(a, w) < 1e-5, name
 
 
@@ -74,9 +74,9 @@ def test_lycoris_still_reads_it_and_fills_its_base_from_it(made):
 
 
 def test_loading_it_does_no_svd_and_reads_no_base_weights_for_the_base(pack, made, caplog):
-    bases = pack.nodes.bases
-    before = dict(bases.stats)
-    apply = pack.nodes.apply
+    bases = pack.engine.bases
+    before = bases.stats.snapshot()
+    apply = pack.engine.apply
     tl = pack.tlora_core.load_tlora(made["contained"])
     with caplog.at_level(logging.INFO, logger="tlora"):
         apply.apply_tlora(made["twin"].patcher, tl, apply.Settings(1.0, R, 3, 1.5))
@@ -132,7 +132,7 @@ def test_self_contained_file_on_another_checkpoint_is_reported(pack, made, caplo
     """Same architecture, another seed: the stored base is not this checkpoint's, and the log says so (the
     T-LoRA still runs: it is a warning)."""
     other = FAMILIES["sd15"].build(77).patcher
-    apply = pack.nodes.apply
+    apply = pack.engine.apply
     with caplog.at_level(logging.INFO, logger="tlora"):
         apply.apply_tlora(other, pack.tlora_core.load_tlora(made["contained"]), apply.Settings(1.0, R, 3, 1.5))
     warns = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -141,7 +141,7 @@ def test_self_contained_file_on_another_checkpoint_is_reported(pack, made, caplo
 
 
 def test_saving_refuses_files_that_need_no_base_and_existing_outputs(pack, made, tmp_path):
-    save = pack.nodes.save.save_with_base
+    save = pack.engine.save.save_with_base
     with pytest.raises(pack.tlora_core.TLoRAError, match="already stores its SVD base"):
         save(made["twin"].patcher, str(made["contained"]), str(tmp_path / "x.safetensors"))
     existing = tmp_path / "exists.safetensors"
@@ -150,4 +150,4 @@ def test_saving_refuses_files_that_need_no_base_and_existing_outputs(pack, made,
         save(made["twin"].patcher, str(made["plain"]), str(existing))
     assert existing.read_bytes() == b"keep me"
     with pytest.raises(pack.tlora_core.TLoRAError, match="plain file name"):
-        pack.nodes.save.output_path(str(made["plain"]), "../escape.safetensors")
+        pack.engine.save.output_path(str(made["plain"]), "../escape.safetensors")

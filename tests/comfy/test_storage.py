@@ -53,7 +53,7 @@ def setups(pack, tmp_path_factory):
             path = d / "pytorch_lora_weights.safetensors"
             net = tm.write_lycoris_tlora(twin.diffusers, path, R, LINEAR_ALPHA, targets=fam.targets, seed=4,
                                          strength=1.0)
-            contained = pack.nodes.save.save_with_base(twin.patcher, str(path), str(d / "with_base.safetensors"),
+            contained = pack.engine.save.save_with_base(twin.patcher, str(path), str(d / "with_base.safetensors"),
                                                        "tiny fp32 twin")
             sd = {k.removeprefix("diffusion_model."): v.clone()
                   for k, v in twin.patcher.model.state_dict().items() if k.startswith("diffusion_model.")}
@@ -76,11 +76,11 @@ def test_effect_on_each_storage(pack, setups, tmp_path, caplog, family, kind):
                           OVERRIDES.get(family))
     tl = {what: pack.tlora_core.load_tlora(p) for what, p in s["files"].items()}
     assert tl["self_contained"].stored_base is not None and tl["rebuilt"].needs_svd_base
-    targets = pack.nodes.plan.plan(loaded, tl["rebuilt"]).targets
-    stored_kind = pack.nodes.weights.layer_weight(loaded, targets[0].key).kind
+    targets = pack.engine.plan.plan(loaded, tl["rebuilt"]).targets
+    stored_kind = pack.engine.weights.layer_weight(loaded, targets[0].key).kind
     assert stored_kind.startswith(KIND_PREFIX[kind]), stored_kind
     values = storage.values(pack, loaded)
-    apply = pack.nodes.apply
+    apply = pack.engine.apply
     with caplog.at_level("INFO", logger="tlora"):
         clones = {what: apply.apply_tlora(loaded, t, apply.Settings(1.0, R, MIN_RANK, ALPHA))[0]
                   for what, t in tl.items()}
@@ -96,7 +96,7 @@ def test_effect_on_each_storage(pack, setups, tmp_path, caplog, family, kind):
     errors: dict[str, dict[int, float]] = {"rebuilt": {}, "self_contained": {}}
     for t in TIMESTEPS:
         sigma = sigma_for(loaded, t, fam.flow)
-        rank = pack.nodes.patcher.RankState("r", R, MIN_RANK, ALPHA, "auto").ranks_for(
+        rank = pack.engine.patcher.RankState("r", R, MIN_RANK, ALPHA, "auto").ranks_for(
             sigma, loaded.model.model_sampling)[1][0]
         ref, ref_base = storage.reference(s["twin"].patcher, s["net"], s["exact"], values, targets, x, sigma,
                                           conds, rank)
@@ -137,15 +137,15 @@ def test_storage_it_cannot_read_is_refused_before_any_work(pack, tmp_path, stora
     path = tmp_path / "pytorch_lora_weights.safetensors"
     tm.write_lycoris_tlora(twin.diffusers, path, R, LINEAR_ALPHA, seed=1, strength=0.5).restore()
     tl = pack.tlora_core.load_tlora(path)
-    target = pack.nodes.plan.plan(twin.patcher, tl).targets[5]
+    target = pack.engine.plan.plan(twin.patcher, tl).targets[5]
     module = comfy.utils.get_attr(twin.patcher.model, target.path)
     w = module.weight.detach()
     odd = {"opaque_subclass": w.as_subclass(OpaqueTensor), "gguf_without_its_pack": w.as_subclass(GGMLLike),
            "int8": w.to(torch.int8)}[storage_kind]
     param = module._parameters["weight"] = torch.nn.Parameter(odd, requires_grad=False)
-    stats, before = pack.nodes.bases.stats, dict(pack.nodes.bases.stats)
+    stats, before = pack.engine.bases.stats, pack.engine.bases.stats.snapshot()
     injections, wrappers = dict(twin.patcher.injections), repr(twin.patcher.wrappers)
-    apply = pack.nodes.apply
+    apply = pack.engine.apply
     with pytest.raises(pack.tlora_core.TLoRAError) as e:
         apply.apply_tlora(twin.patcher, tl, apply.Settings(1.0, R, MIN_RANK, ALPHA))
     msg = str(e.value)

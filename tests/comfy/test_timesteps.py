@@ -54,7 +54,7 @@ def with_sampling(patcher, base_name: str, kind_name: str, **params):
 
 
 def ranks(pack, patcher, tl, sigmas, mode="auto"):
-    apply = pack.nodes.apply
+    apply = pack.engine.apply
     clone, app = apply.apply_tlora(patcher, tl, apply.Settings(1.0, R, MIN_RANK, ALPHA, mode))
     ms = clone.get_model_object("model_sampling")
     return [app.state.ranks_for(torch.tensor([s]), ms) for s in sigmas]

@@ -17,8 +17,9 @@ from lycoris.modules.tlora import set_timestep_mask
 from safetensors import safe_open
 
 from tlora_core import ORTHO, TLoRA, load_tlora
+from tlora_core.digest import cache_key
 from tlora_core.formats import LYCORIS
-from tlora_core.svd import BaseJob, SVDCache, base_triplets, tensor_digest, top_singular
+from tlora_core.svd import BaseJob, SVDCache, compute_base_triplets, top_singular
 
 RANK, ALPHA = 8, 4
 
@@ -159,11 +160,11 @@ def test_svd_base_from_the_cache_gives_the_same_deltas(written, tmp_path):
     path, net, originals = written
     tl = load_tlora(path)
     jobs = [BaseJob(_lycoris_name(s), RANK, tuple(originals[s].reshape(originals[s].shape[0], -1).shape),
-                    lambda w=originals[s]: tensor_digest(w), lambda w=originals[s]: w.reshape(w.shape[0], -1))
+                    lambda w=originals[s]: cache_key(w), lambda w=originals[s]: w.reshape(w.shape[0], -1))
             for s in TESTED]
     for run in ("computed", "cached"):
         stats = {}
-        triplets = base_triplets(jobs, SVDCache(tmp_path / "svd"), stats=stats)
+        triplets = compute_base_triplets(jobs, SVDCache(tmp_path / "svd"), stats=stats)
         assert stats[run] == len(TESTED)
         for short in TESTED:
             name = _lycoris_name(short)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lycoris.modules.tlora import compute_timestep_mask
 
-from tlora_core import DISCRETE, FLOW, active_rank, timestep_from_sigma
+from tlora_core import active_rank, discrete_timestep, flow_timestep
 from tlora_core.schedule import schedule_table
 
 
@@ -80,31 +80,28 @@ def test_timestep_outside_range_raises(t):
     (1.5, 1000), (-0.1, 0),  # clamped to the trainer's range
 ])
 def test_flow_timestep_is_int_sigma_times_1000(sigma, expected):
-    assert timestep_from_sigma(sigma, FLOW) == expected
-    assert timestep_from_sigma(torch.tensor(sigma, dtype=torch.float64), FLOW) == expected
+    assert flow_timestep(sigma) == expected
+    assert flow_timestep(torch.tensor(sigma, dtype=torch.float64)) == expected
 
 
 @pytest.mark.parametrize(("model_t", "expected"), [(999.0, 999), (999.9, 999), (0.4, 0), (500, 500), (1200, 1000)])
 def test_discrete_timestep_truncates_the_models_timestep(model_t, expected):
-    # The sigma is irrelevant in discrete mode: the model's own timestep for it is what the trainer used.
-    assert timestep_from_sigma(14.6, DISCRETE, discrete_timestep=model_t) == expected
+    # the model's own timestep for a sigma is what the trainer used, truncated and clamped
+    assert discrete_timestep(model_t) == expected
 
 
-def test_timestep_from_sigma_errors():
-    with pytest.raises(ValueError, match="discrete"):
-        timestep_from_sigma(1.0, DISCRETE)
-    with pytest.raises(ValueError, match="mode"):
-        timestep_from_sigma(1.0, "karras")
+def test_timestep_errors():
     with pytest.raises(ValueError, match="finite"):
-        timestep_from_sigma(math.nan, FLOW)
+        flow_timestep(math.nan)
     with pytest.raises(ValueError, match="finite"):
-        timestep_from_sigma(1.0, DISCRETE, discrete_timestep=math.inf)
+        discrete_timestep(math.inf)
+    assert flow_timestep(0.5004, integer=False) == pytest.approx(500.4)
 
 
 def test_flow_timestep_feeds_the_schedule_like_the_trainer():
     # Flux-style sigmas in [0, 1]: the trainer's t is int(sigma * 1000), never sigma itself.
     sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
-    ranks = [active_rank(timestep_from_sigma(s, FLOW), 64) for s in sigmas]
+    ranks = [active_rank(flow_timestep(s), 64) for s in sigmas]
     assert ranks == [1, 16, 32, 48, 64]
 
 

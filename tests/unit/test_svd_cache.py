@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlora_core.svd import BaseJob, SVDCache, base_triplets, tensor_digest, top_singular
+from tlora_core.digest import cache_key
+from tlora_core.svd import BaseJob, SVDCache, compute_base_triplets, top_singular
 
 
 def _terms_sum(u, s, v, k):
@@ -102,13 +103,13 @@ def _jobs(weights, fetched=None):
         if fetched is not None:
             fetched.append(name)
         return w
-    return [BaseJob(n, RANKS[n], tuple(w.shape), lambda w=w: tensor_digest(w), lambda n=n, w=w: fetch(n, w))
+    return [BaseJob(n, RANKS[n], tuple(w.shape), lambda w=w: cache_key(w), lambda n=n, w=w: fetch(n, w))
             for n, w in weights.items()]
 
 
 def _run(cache, weights=None, fetched=None):
     stats = {}
-    out = base_triplets(_jobs(weights or _weights(), fetched), cache, stats=stats)
+    out = compute_base_triplets(_jobs(weights or _weights(), fetched), cache, stats=stats)
     return out, stats
 
 
@@ -145,10 +146,10 @@ def test_changing_one_weight_recomputes_exactly_one(tmp_path):
 
 def test_same_values_other_dtype_is_another_entry(tmp_path):
     w = torch.randn(8, 8)
-    assert tensor_digest(w) != tensor_digest(w.to(torch.float16))
-    assert tensor_digest(w) == tensor_digest(w.clone())
-    assert tensor_digest(w) != tensor_digest(w.reshape(4, 16))
-    assert tensor_digest(w) != tensor_digest("scaled_fp8", w)
+    assert cache_key(w) != cache_key(w.to(torch.float16))
+    assert cache_key(w) == cache_key(w.clone())
+    assert cache_key(w) != cache_key(w.reshape(4, 16))
+    assert cache_key(w) != cache_key("scaled_fp8", w)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign_tensors", "wrong_shapes"])
@@ -157,7 +158,7 @@ def test_corrupt_cache_entry_is_ignored_and_recomputed(tmp_path, damage):
 
     cache = SVDCache(tmp_path / "svd")
     first, _ = _run(cache)
-    victim = os.path.join(cache.directory, f"{tensor_digest(_weights()['a'])}-r{RANKS['a']}.safetensors")
+    victim = os.path.join(cache.directory, f"{cache_key(_weights()['a'])}-r{RANKS['a']}.safetensors")
     assert os.path.exists(victim)
     if damage == "garbage":
         with open(victim, "wb") as f:
@@ -188,7 +189,7 @@ def test_no_cache_directory_always_computes(tmp_path):
 
 def test_progress_reports_every_layer(tmp_path):
     calls = []
-    base_triplets(_jobs(_weights()), SVDCache(tmp_path), progress=lambda i, n: calls.append((i, n)))
+    compute_base_triplets(_jobs(_weights()), SVDCache(tmp_path), progress=lambda i, n: calls.append((i, n)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
@@ -210,6 +211,6 @@ def test_one_weight_at_a_time():
     def progress(done, total):
         gc.collect()
 
-    out = base_triplets(jobs, None, progress)
+    out = compute_base_triplets(jobs, None, progress)
     gc.collect()
     assert len(out) == 5 and all(r() is None for r in alive)

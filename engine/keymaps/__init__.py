@@ -53,6 +53,8 @@ def candidates(name: str, naming: str) -> list[str]:
     elif naming == "lycoris":
         stem = name[len("lycoris_"):] if name.startswith("lycoris_") else name
         out += [f"lora_unet_{stem}", f"lora_transformer_{stem}"]
+        if stem.startswith("te"):  # text-encoder modules: ComfyUI's CLIP key map knows kohya's lora_te spelling
+            out.append(f"lora_{stem}")
     elif naming == "kohya":
         if name.startswith("lycoris_"):
             out.append("lora_unet_" + name[len("lycoris_"):])

@@ -9,6 +9,7 @@ scaled fp8 x `scale_weight` in 0.3.75; `QuantizedTensor.dequantize()` in 0.28), 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,7 +17,7 @@ from functools import cached_property
 import comfy.utils
 import torch
 
-from ..tlora_core.svd import tensor_digest
+from ..tlora_core.digest import cache_key
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                    if hasattr(torch, n))
@@ -98,8 +99,8 @@ class LayerWeight:
         w = self.stored
         if type(w) in (torch.Tensor, torch.nn.Parameter) and getattr(self.module, "scale_weight", None) is None \
                 and self.kind in ("float32", "float16", "bfloat16", "float64"):
-            return tensor_digest(w)
-        return tensor_digest(self.kind, self.dequantized("cpu"))
+            return cache_key(w)
+        return cache_key(self.kind, self.dequantized("cpu"))
 
     @cached_property
     def quick_key(self) -> tuple:
@@ -132,8 +133,46 @@ def _gguf_dequantizer(key: str, w: torch.Tensor):
     return deq
 
 
+def _gguf_where(deq) -> str:
+    mod = sys.modules.get(getattr(deq, "__module__", ""), None)
+    return f"{getattr(mod, '__file__', None) or getattr(deq, '__module__', '?')}, dequantize_tensor{_signature(deq)}"
+
+
+def _signature(fn) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(?)"
+
+
 def _gguf_dequantize(key: str, w: torch.Tensor) -> torch.Tensor:
-    return _gguf_dequantizer(key, w)(w, torch.float32, torch.float32)
+    """ComfyUI-GGUF's `dequantize_tensor` to float32, in either of its released signatures: `(tensor, dtype=None,
+    dequant_dtype=None)` (through 2025), or `(tensor, dtype=None, config: GGUFConfig = None)` with
+    `GGUFConfig.dequant_dtype` (its `dequant.py` defines `GGUFConfig`)."""
+    deq = _gguf_dequantizer(key, w)
+    try:
+        params = inspect.signature(deq).parameters
+    except (TypeError, ValueError):
+        params = {}
+    try:
+        if "config" in params:
+            config = getattr(sys.modules.get(deq.__module__), "GGUFConfig", None)
+            if config is None:
+                raise UnreadableWeight(f"layer '{key}': ComfyUI-GGUF's dequantize_tensor takes a config but its module "
+                                       f"has no GGUFConfig ({_gguf_where(deq)}): update ComfyUI-GGUF")
+            return deq(w, torch.float32, config=config(dequant_dtype=torch.float32))
+        if "dequant_dtype" in params:
+            return deq(w, torch.float32, dequant_dtype=torch.float32)
+    except UnreadableWeight:
+        raise
+    except Exception as e:
+        raise UnreadableWeight(f"layer '{key}': ComfyUI-GGUF could not dequantize its "
+                               f"{getattr(w.tensor_type, 'name', w.tensor_type)} weight ({_gguf_where(deq)}): "
+                               f"{type(e).__name__}: {e}") from None
+    raise UnreadableWeight(f"layer '{key}': this ComfyUI-GGUF has a dequantize_tensor this pack does not know "
+                           f"({_gguf_where(deq)}; known: (tensor, dtype, dequant_dtype) and (tensor, dtype, config)): "
+                           "use a ComfyUI-GGUF release from 2025-2026, or a self-contained T-LoRA file (Save T-LoRA "
+                           "with base)")
 
 
 def layer_weight(patcher, key: str) -> LayerWeight:

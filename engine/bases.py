@@ -1,8 +1,10 @@
 """The base of every module of a T-LoRA on a loaded model: rebuilt (LyCORIS), stored (self-contained files and
 the official repo's), or none needed (vanilla), with the diagnostics that say how far to trust it.
 
-`prepare` is memoised in process on the file and on the identity of the loaded weights it reads (`quick_key`),
-so running the same file on the same model again (other sliders, other strength) does no hashing and no SVD.
+`prepare` is memoised on the loaded model itself (a weak reference: the memo goes with the model), keyed by the
+file and the identity of the weights it reads (`quick_key`), so running the same file on the same model again
+(other sliders, other strength) does no hashing and no SVD. It returns immutable adapters; each application builds
+its own device factors from them, so one application's eject never frees another's.
 """
 
 from __future__ import annotations
@@ -12,27 +14,66 @@ import logging
 import os
 import statistics
 import threading
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..tlora_core import TLoRA, TLoRAError, diagnostics
-from ..tlora_core.svd import BaseJob, SVDCache, Triplets, base_triplets, default_workers
-from .patcher import FactorCache
-from .plan import Target
+from ..tlora_core.adapter import ModuleAdapter
+from ..tlora_core.lru import LockedLRU
+from ..tlora_core.svd import BaseJob, SVDCache, Triplets, compute_base_triplets, default_workers
+from .plan import LayerTarget
 from .weights import EXACT, LOW, LayerWeight, UnreadableWeight, layer_weight
 
 log = logging.getLogger("tlora.bases")
 
 FIT_LAYERS = 16  # layers a stored base is checked on against the loaded weights
 ALIGN_LAYERS = 64  # layers the alignment figure (a median) is measured on: spread over the model
-_PREPARED_SIZE = 2
-_prepared: OrderedDict[tuple, Prepared] = OrderedDict()
-_digests: OrderedDict[tuple, str] = OrderedDict()  # quick_key of a stored weight -> its content digest
-_lock = threading.Lock()
-stats = {"prepared": 0, "reused": 0, "digests": 0, "svd": 0}  # counters (tests, diagnostics)
+PREPARED_PER_MODEL = 2
+
+
+class _Stats:
+    """Counters for tests and diagnostics, updated under a lock (SVD workers update them from threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values = {"prepared": 0, "reused": 0, "digests": 0, "svd": 0}
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.values[name] += n
+
+    def __getitem__(self, name: str) -> int:
+        return self.values[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.values)
+
+
+stats = _Stats()
+
+
+class _ModelMemo:
+    """What `prepare` remembers about one loaded model: its prepared files and its weights' content digests."""
+
+    def __init__(self) -> None:
+        self.prepared: LockedLRU[tuple, Prepared] = LockedLRU(PREPARED_PER_MODEL)
+        self.digests: LockedLRU[tuple, str] = LockedLRU(8192)  # quick_key of a stored weight -> content digest
+
+
+_memos: weakref.WeakKeyDictionary[torch.nn.Module, _ModelMemo] = weakref.WeakKeyDictionary()
+_memos_lock = threading.Lock()
+
+
+def _memo(model: torch.nn.Module) -> _ModelMemo:
+    with _memos_lock:
+        memo = _memos.get(model)
+        if memo is None:
+            memo = _memos[model] = _ModelMemo()
+        return memo
 
 # Measured effect of rebuilding the base from low-precision weights of the right checkpoint (README, "What it
 # guarantees"; tests/comfy/test_storage.py): relative error of the T-LoRA's effect on one model call, tiny SDXL
@@ -55,51 +96,51 @@ Note = tuple[int, str]  # (logging level, line)
 
 @dataclass
 class Prepared:
-    factors: dict[str, FactorCache]  # module name -> factors of the adapter with its base, ready for slots
+    adapters: dict[str, ModuleAdapter]  # module name -> the adapter with its base, rows in the layer's order
     notes: list[Note] = field(default_factory=list)  # lines logged when prepared (repeated on reuse)
 
 
-def _with_rows(t: Target, w: torch.Tensor) -> torch.Tensor:
+def with_rows(t: LayerTarget, w: torch.Tensor) -> torch.Tensor:
     """The part of a layer's weight a module patches, in the row order the trainer saw."""
     if t.out_slice is not None:
         w = w.narrow(0, *t.out_slice)
     return t.reorder(w) if t.reorder is not None else w
 
 
-def _digest(lw: LayerWeight, t: Target) -> str:
+def _digest(memo: _ModelMemo, lw: LayerWeight, t: LayerTarget) -> str:
     key = lw.quick_key
-    with _lock:
-        full = _digests.get(key)
+    full = memo.digests.get(key)
     if full is None:
         full = lw.digest()
-        stats["digests"] += 1
-        with _lock:
-            _digests[key] = full
-            while len(_digests) > 8192:
-                _digests.popitem(last=False)
+        stats.add("digests")
+        memo.digests.put(key, full)
     extra = f"|rows {t.out_slice}|{getattr(t.reorder, '__name__', t.reorder)}"
     return hashlib.blake2b((full + extra).encode(), digest_size=20).hexdigest()
 
 
-def layer_weights(patcher, tl: TLoRA, targets: list[Target]) -> dict[str, LayerWeight]:
+def layer_weights(patcher, tl: TLoRA, targets: list[LayerTarget]) -> dict[str, LayerWeight]:
     try:
         return {t.key: layer_weight(patcher, t.key) for t in targets}
     except UnreadableWeight as e:
         raise TLoRAError(tl.path, str(e)) from None
 
 
-def jobs(targets: list[Target], weights: dict[str, LayerWeight], device) -> list[BaseJob]:
+def jobs(model: torch.nn.Module, targets: list[LayerTarget], weights: dict[str, LayerWeight],
+         device) -> list[BaseJob]:
     """One SVD job per target: its weight's digest and dequantized rows, fetched lazily, one layer at a time."""
+    memo = _memo(model)
     return [BaseJob(t.adapter.name, t.adapter.rank, (t.adapter.out_features, t.adapter.in_features),
-                    lambda lw=weights[t.key], t=t: _digest(lw, t),
-                    lambda lw=weights[t.key], t=t: _with_rows(t, lw.dequantized(device))) for t in targets]
+                    lambda lw=weights[t.key], t=t: _digest(memo, lw, t),
+                    lambda lw=weights[t.key], t=t: with_rows(t, lw.dequantized(device))) for t in targets]
 
 
-def _rebuild(tl: TLoRA, targets: list[Target], weights: dict[str, LayerWeight], cache: SVDCache, device,
-             progress: Callable[[int, int], None] | None) -> tuple[dict[str, Triplets], list[Note]]:
+def _rebuild(model: torch.nn.Module, tl: TLoRA, targets: list[LayerTarget], weights: dict[str, LayerWeight],
+             cache: SVDCache, device, progress: Callable[[int, int], None] | None
+             ) -> tuple[dict[str, Triplets], list[Note]]:
     counts: dict[str, int] = {}
-    triplets = base_triplets(jobs(targets, weights, device), cache, progress, counts, default_workers(device))
-    stats["svd"] += counts["computed"]
+    triplets = compute_base_triplets(jobs(model, targets, weights, device), cache, progress, counts,
+                                     default_workers(device))
+    stats.add("svd", counts["computed"])
     name = os.path.basename(tl.path)
     sample = targets[:: max(1, len(targets) // ALIGN_LAYERS)]
     aligned = diagnostics.alignment({t.adapter.name: t.adapter for t in sample},
@@ -118,10 +159,10 @@ def _rebuild(tl: TLoRA, targets: list[Target], weights: dict[str, LayerWeight], 
     return triplets, notes + ([(logging.WARNING, warning)] if warning else [])
 
 
-def _fit_check(tl: TLoRA, targets: list[Target], weights: dict[str, LayerWeight]) -> list[Note]:
+def _fit_check(tl: TLoRA, targets: list[LayerTarget], weights: dict[str, LayerWeight]) -> list[Note]:
     """A self-contained file's stored base against the loaded checkpoint, on a spread of layers."""
     step = max(1, len(targets) // FIT_LAYERS)
-    figures = [diagnostics.base_fit(t.adapter, _with_rows(t, weights[t.key].dequantized("cpu")))
+    figures = [diagnostics.base_fit(t.adapter, with_rows(t, weights[t.key].dequantized("cpu")))
                for t in targets[::step][:FIT_LAYERS]]
     figure = statistics.median(figures)
     name = os.path.basename(tl.path)
@@ -132,35 +173,31 @@ def _fit_check(tl: TLoRA, targets: list[Target], weights: dict[str, LayerWeight]
     return notes + ([(logging.WARNING, warning)] if warning else [])
 
 
-def prepare(patcher, tl: TLoRA, targets: list[Target], file_key: tuple, cache: SVDCache, device,
+def prepare(patcher, tl: TLoRA, targets: list[LayerTarget], file_key: tuple, cache: SVDCache, device,
             progress: Callable[[int, int], None] | None = None) -> Prepared:
-    """The factors of every target's adapter with its base, and the notes on how it was obtained."""
+    """The adapter of every target with its base (rows in the layer's order), and the notes on how it was
+    obtained. Memoised on `patcher.model`."""
     rebuild = [t for t in targets if t.adapter.needs_svd_base]
     stored = [t for t in targets if t.adapter.svd_base and not t.adapter.needs_svd_base]
     weights = layer_weights(patcher, tl, rebuild + stored)
     layout = tuple((t.adapter.name, t.key, t.out_slice, getattr(t.reorder, "__name__", None)) for t in targets)
     key = (file_key, layout, tuple(sorted((k, w.quick_key) for k, w in weights.items())))
-    with _lock:
-        hit = _prepared.get(key)
-        if hit is not None:
-            _prepared.move_to_end(key)
+    memo = _memo(patcher.model)
+    hit = memo.prepared.get(key)
     if hit is not None:
-        stats["reused"] += 1
+        stats.add("reused")
         for level, line in hit.notes:
             log.log(level, "%s (as before)", line)
         return hit
-    triplets, notes = _rebuild(tl, rebuild, weights, cache, device, progress) if rebuild else ({}, [])
+    triplets, notes = _rebuild(patcher.model, tl, rebuild, weights, cache, device, progress) if rebuild else ({}, [])
     notes += _fit_check(tl, stored, weights) if stored else []
     for level, line in notes:
         log.log(level, line)
-    factors = {}
+    adapters = {}
     for t in targets:
         a = t.adapter.with_base(*triplets[t.adapter.name]) if t.adapter.name in triplets else t.adapter
-        factors[t.adapter.name] = FactorCache(a.with_rows(t.reorder) if t.reorder is not None else a)
-    out = Prepared(factors, notes)
-    stats["prepared"] += 1
-    with _lock:
-        _prepared[key] = out
-        while len(_prepared) > _PREPARED_SIZE:
-            _prepared.popitem(last=False)
+        adapters[t.adapter.name] = a.with_rows(t.reorder) if t.reorder is not None else a
+    out = Prepared(adapters, notes)
+    stats.add("prepared")
+    memo.prepared.put(key, out)
     return out

@@ -93,17 +93,17 @@ def rule(mode: str, model_sampling, integer: bool = True) -> Rule:
     concrete, _ = resolve(mode, model_sampling)
     if concrete == schedule.FLOW:
         def flow(sigma: torch.Tensor) -> list[float]:
-            return [schedule.timestep_from_sigma(s, schedule.FLOW, integer=integer)
+            return [schedule.flow_timestep(s, integer)
                     for s in sigma.detach().float().reshape(-1).tolist()]
         return flow
     if kind_of(model_sampling) == "discrete" and not isinstance(model_sampling, ms_mod.ModelSamplingDiscreteEDM):
         def own(sigma: torch.Tensor) -> list[float]:  # distilled samplings (LCM) map to their original timesteps
             ts = model_sampling.timestep(sigma.detach()).float().reshape(-1).tolist()
-            return [schedule.timestep_from_sigma(0.0, schedule.DISCRETE, t) for t in ts]
+            return [schedule.discrete_timestep(t) for t in ts]
         return own
     # discrete EDM timesteps (0.25 log sigma) and continuous EDM: the DDPM table the noise level falls on
     table = model_sampling.sigmas if kind_of(model_sampling) == "discrete" else sd_sigmas()
 
     def from_table(sigma: torch.Tensor) -> list[float]:
-        return [schedule.timestep_from_sigma(0.0, schedule.DISCRETE, t) for t in _table_timestep(table, sigma)]
+        return [schedule.discrete_timestep(t) for t in _table_timestep(table, sigma)]
     return from_table

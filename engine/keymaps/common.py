@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-Target = Any  # "diffusion_model.<key>.weight" | (key, (0, start, size)) | (key, None, row_fn)
+KeyMapTarget = Any  # "diffusion_model.<key>.weight" | (key, (0, start, size)) | (key, None, row_fn)
 
 
-def put(key_map: dict, diffusers_name: str, target: Target) -> None:
+def put(key_map: dict, diffusers_name: str, target: KeyMapTarget) -> None:
     """Map one diffusers module (dotted path, no `.weight`) to a ComfyUI weight target, in every spelling trainers
     use: SimpleTuner/LyCORIS `lycoris_<flat>`, diffusers/PEFT `transformer.<name>`, OneTrainer
     `lora_transformer_<flat>` and the bare name."""
@@ -16,7 +16,7 @@ def put(key_map: dict, diffusers_name: str, target: Target) -> None:
         key_map[k] = target
 
 
-def put_diffusers_map(key_map: dict, diffusers: dict[str, Target]) -> None:
+def put_diffusers_map(key_map: dict, diffusers: dict[str, KeyMapTarget]) -> None:
     """Every weight of one of ComfyUI's `*_to_diffusers` maps (`<diffusers name>.weight` -> target), in every
     spelling (`put`)."""
     for name, target in diffusers.items():
