@@ -19,7 +19,7 @@ import comfy.utils
 import torch
 
 from ..tlora_core import TLoRA, TLoRAError, recorded, schedule
-from ..tlora_core.slot import FactorCache, LayerSlot
+from ..tlora_core.slot import FactorRef, FactorStore, LayerSlot
 from . import bases, keymaps, timesteps
 from .files import file_key, svd_cache
 from .patcher import RankState, TLoRAApplication, require_api
@@ -33,6 +33,13 @@ def _conv_args(module) -> dict | None:
         return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
                 "groups": module.groups}
     return None
+
+
+def compute_dtype(patcher) -> torch.dtype:
+    """The dtype the model's layers compute in (its manual-cast dtype for fp8 / quantized storage)."""
+    model = patcher.model
+    dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32
 
 
 @dataclass(frozen=True)
@@ -65,13 +72,16 @@ def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None):
     device = comfy.model_management.get_torch_device()
     prepared = bases.prepare(patcher, tl, p.targets, file_key(tl.path), svd_cache(), device, progress)
     state = RankState(name, settings.max_rank, settings.min_rank, settings.alpha, settings.mode, tl.integer_timestep)
-    factors = {n: FactorCache(a) for n, a in prepared.adapters.items()}  # this application's own device copies
+    state.width = max(settings.max_rank, tl.rank)
+    # this application's own factors, in the model's compute dtype, on the offload device until ComfyUI loads them
+    # with the model (they are counted by its memory planner as an additional model of the clone)
+    store = FactorStore(prepared.adapters, compute_dtype(patcher), comfy.model_management.unet_offload_device())
     bindings = []
     for t in p.targets:
         module = comfy.utils.get_attr(patcher.model, t.path)
-        slot = LayerSlot(factors[t.adapter.name], state.active, settings.strength, t.out_slice, _conv_args(module))
-        bindings.append((t.path, slot))
-    app = TLoRAApplication(state, bindings)
+        ref = FactorRef(store, prepared.adapters[t.adapter.name])
+        bindings.append((t.path, LayerSlot(ref, state.active, settings.strength, t.out_slice, _conv_args(module))))
+    app = TLoRAApplication(state, bindings, store)
     clone = patcher.clone()
     app.attach(clone)
     log.info("T-LoRA %s: %s; matched %d, unmatched %d, skipped %d; schedule max_rank=%d min_rank=%d alpha=%g; "

@@ -38,6 +38,7 @@ def require_api(patcher) -> None:
     missing = [name for name, ok in (
         ("ModelPatcher.set_injections", hasattr(patcher, "set_injections")),
         ("ModelPatcher.add_wrapper_with_key", hasattr(patcher, "add_wrapper_with_key")),
+        ("ModelPatcher.set_additional_models", hasattr(patcher, "set_additional_models")),
         ("patcher_extension.PatcherInjection", hasattr(comfy.patcher_extension, "PatcherInjection")),
         ("WrappersMP.APPLY_MODEL", hasattr(getattr(comfy.patcher_extension, "WrappersMP", None), "APPLY_MODEL")),
     ) if not ok]
@@ -60,6 +61,7 @@ class RankState:
         schedule.validate(max_rank, min_rank, alpha)
         self.name, self.max_rank, self.min_rank, self.alpha, self.mode = name, max_rank, min_rank, alpha, mode
         self.integer_t = integer_t
+        self.width = max_rank  # ranks the call's mask spans: the largest adapter rank (may exceed a max_rank override)
         self.active = ActiveRank()
         # per sampling object (held weakly: a freed object's id can never hand its rule to a new one)
         self._rules: weakref.WeakKeyDictionary[Any, _Rule] = weakref.WeakKeyDictionary()
@@ -134,12 +136,25 @@ def _undispatch(module: torch.nn.Module) -> None:
         module.forward = restore
 
 
-class TLoRAApplication:
-    """Everything one Load T-LoRA node adds to a model clone."""
+def store_patcher(store: torch.nn.Module):
+    """A ModelPatcher for a factor store: ComfyUI's own patcher class (Dynamic VRAM where it is on), so the store
+    is loaded, offloaded and counted like any model."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
 
-    def __init__(self, state: RankState, bindings: list[tuple[str, LayerSlot]]):
+    cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return cls(store, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+class TLoRAApplication:
+    """Everything one Load T-LoRA node adds to a model clone: slots in the target layers, the factors they use (a
+    store, registered as an additional model of the clone so ComfyUI's memory planner counts it and loads it with
+    the model) and the APPLY_MODEL wrapper that sets each call's rank."""
+
+    def __init__(self, state: RankState, bindings: list[tuple[str, LayerSlot]], store: torch.nn.Module):
         self.state = state
         self.bindings = bindings  # (module path in BaseModel, slot)
+        self.store = store
         self.key = f"{WRAPPER_PREFIX}:{state.name}:{uuid.uuid4().hex[:8]}"
 
     def inject(self, patcher) -> None:
@@ -149,31 +164,28 @@ class TLoRAApplication:
             _dispatch_forward(module)[f"{self.key}#{i}"] = slot
 
     def eject(self, patcher) -> None:
-        for i, (path, slot) in enumerate(self.bindings):
+        for i, (path, _) in enumerate(self.bindings):
             module = comfy.utils.get_attr(patcher.model, path)
             slots = module.__dict__.get("_tlora_slots")
             if slots is not None:
                 slots.pop(f"{self.key}#{i}", None)
                 _undispatch(module)
-            slot.factors.release()
 
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
         st = self.state
         ts, ranks = st.ranks_for(t, executor.class_obj.model_sampling)
-        act = st.active
-        prev = act.rank, act.sample_ranks
-        act.rank = max(ranks)
-        act.sample_ranks = None if len(set(ranks)) == 1 else ranks
+        prev = st.active.set(ranks, st.width, x.device)
         if st.trace_path:
             st.write_trace(t, ts, ranks)
         try:
             return executor(x, t, *args, **kwargs)
         finally:
-            act.rank, act.sample_ranks = prev
+            st.active.restore(prev)
 
     def attach(self, patcher) -> None:
         """Register on a (cloned) ModelPatcher."""
         require_api(patcher)
         patcher.set_injections(self.key, [comfy.patcher_extension.PatcherInjection(self.inject, self.eject)])
+        patcher.set_additional_models(self.key, [store_patcher(self.store)])
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key,
                                      self.apply_model_wrapper)

@@ -13,59 +13,96 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adapter import ORTHO, Factors, ModuleAdapter
+from .adapter import Factors, ModuleAdapter
 
 
 class ActiveRank(threading.local):
     """The rank of the model call in progress on this thread: `rank` None = all ranks (outside a call, what LyCORIS
-    does unmasked); `sample_ranks` per batch item when the items' sigmas differ."""
+    does unmasked); `sample_ranks` per batch item when the items' sigmas differ; `mask` the same as a (items, R)
+    0/1 tensor on the call's device, for compiled models (a tensor input: a new rank never recompiles a graph)."""
 
     rank: int | None = None
     sample_ranks: list[int] | None = None
+    mask: torch.Tensor | None = None
+
+    def set(self, ranks: list[int], max_rank: int, device: torch.device) -> tuple:
+        """Publish one call's per-item ranks; returns what to `restore` afterwards."""
+        prev = self.rank, self.sample_ranks, self.mask
+        self.rank = max(ranks)
+        self.sample_ranks = None if len(set(ranks)) == 1 else ranks
+        self.mask = (torch.arange(max_rank).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).float().to(device)
+        return prev
+
+    def restore(self, prev: tuple) -> None:
+        self.rank, self.sample_ranks, self.mask = prev
 
 
-class FactorCache:
-    """An adapter's prefix factors per (dtype, device), built on first use, shared by every slot that runs it.
+class FactorStore(torch.nn.Module):
+    """The prefix factors of one application's adapters, as frozen parameters of one small module, so that the host
+    can count them in its memory planning and move them with the model (load, offload, partial load).
 
-    Owned by one application: its `release` (on eject) frees only its own device copies."""
+    `get` returns the stored factors where they already sit on the compute device in the compute dtype; otherwise
+    (the store left on the offload device by a partial load, or a layer computing in another dtype) a copy for
+    that call, cached only when it is a dtype change on the store's own device."""
 
-    def __init__(self, adapter: ModuleAdapter):
-        self.adapter = adapter
-        self._by: dict[tuple[torch.dtype, torch.device], Factors] = {}
+    def __init__(self, adapters: dict[str, ModuleAdapter], dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.index: dict[str, tuple[int, int]] = {}  # adapter name -> (parameter index, k)
+        for i, (name, a) in enumerate(adapters.items()):
+            down, up_t, k = a.prefix_factors(dtype, device)
+            self.register_parameter(f"down_{i}", torch.nn.Parameter(down, requires_grad=False))
+            self.register_parameter(f"up_{i}", torch.nn.Parameter(up_t, requires_grad=False))
+            self.index[name] = (i, k)
+        self._converted: dict[tuple[str, torch.dtype, torch.device], Factors] = {}
         self._lock = threading.Lock()
 
-    def get(self, dtype: torch.dtype, device: torch.device) -> Factors:
-        f = self._by.get((dtype, device))
-        if f is None:
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def get(self, name: str, dtype: torch.dtype, device: torch.device) -> Factors:
+        i, k = self.index[name]
+        down, up_t = self._parameters[f"down_{i}"], self._parameters[f"up_{i}"]
+        assert down is not None and up_t is not None
+        if down.dtype == dtype and down.device == device:
+            return down, up_t, k
+        if down.device != device:  # not resident on the compute device: a transient copy, as a lowvram layer does
+            return down.to(device=device, dtype=dtype), up_t.to(device=device, dtype=dtype), k
+        key = (name, dtype, device)
+        hit = self._converted.get(key)
+        if hit is None:
             with self._lock:
-                f = self._by.get((dtype, device))
-                if f is None:
-                    f = self._by[(dtype, device)] = self.adapter.prefix_factors(dtype, device)
-        return f
+                hit = self._converted[key] = (down.to(dtype), up_t.to(dtype), k)
+        return hit
 
-    def nbytes(self, dtype: torch.dtype) -> int:
-        """Bytes of one copy of the factors in `dtype` (what a device copy costs)."""
-        k = 2 if self.adapter.kind == ORTHO else 1
-        return k * self.adapter.rank * (self.adapter.in_features + self.adapter.out_features) * \
-            torch.empty((), dtype=dtype).element_size()
+    def _apply(self, fn, recurse=True):  # moved by the host: copies in other dtypes are stale
+        self._converted.clear()
+        return super()._apply(fn, recurse)
 
-    def release(self) -> None:
-        with self._lock:
-            self._by.clear()
+
+class FactorRef:
+    """One adapter's factors in a store (what a slot holds)."""
+
+    def __init__(self, store: FactorStore, adapter: ModuleAdapter):
+        self.store, self.adapter, self.rank = store, adapter, adapter.rank
+
+    def get(self, dtype: torch.dtype, device: torch.device) -> Factors:
+        return self.store.get(self.adapter.name, dtype, device)
 
 
 class LayerSlot:
     """Adds the active ranks of one adapter, times `strength`, to one layer's output (optionally a slice of it)."""
 
-    def __init__(self, factors: FactorCache, active: ActiveRank, strength: float,
+    def __init__(self, factors: FactorRef, active: ActiveRank, strength: float,
                  out_slice: tuple[int, int] | None, conv: dict[str, Any] | None):
         self.factors, self.active, self.strength = factors, active, strength
         self.out_slice = out_slice  # (start, size) in the output features of a fused layer
         self.conv = conv  # stride/padding/dilation of a 1x1 conv layer, None for linear
-        self.rank = factors.adapter.rank
+        self.rank = factors.rank
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         act = self.active
+        if torch.compiler.is_compiling():
+            return self._static(x, y, act.mask)
         r = self.rank if act.rank is None else min(act.rank, self.rank)
         if r <= 0 or self.strength == 0:
             return y
@@ -92,6 +129,30 @@ class LayerSlot:
         if self.out_slice is not None:
             y2 = y2.narrow(1, *self.out_slice)
         y2.addmm_(h.reshape(-1, n), up_t[:n], alpha=self.strength)
+        return y
+
+
+    def _static(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Every rank's rows times the call's 0/1 mask: shapes never depend on the rank, so a compiled graph serves
+        every step (the prefix slices of the eager path would specialise it on each rank)."""
+        if self.strength == 0:
+            return y
+        down, up_t, k = self.factors.get(x.dtype, x.device)
+        conv = self.conv is not None
+        h = F.conv2d(x, down[:, :, None, None], None, **self.conv) if self.conv is not None else F.linear(x, down)
+        if mask is not None:
+            m = mask[:, : self.rank].to(h.dtype).repeat_interleave(k, dim=1)  # (items, k * R), rows interleaved
+            m = m.repeat_interleave(h.shape[0] // m.shape[0], dim=0)
+            shape = [h.shape[0]] + [1] * (h.ndim - 1)
+            shape[1 if conv else -1] = m.shape[1]
+            h = h * m.reshape(shape)
+        if conv:
+            return y + self.strength * F.conv2d(h, up_t.T[:, :, None, None])
+        d = ((h @ up_t) * self.strength).to(y.dtype)
+        if self.out_slice is None:
+            return y + d
+        y = y.clone()
+        y.narrow(-1, *self.out_slice).add_(d)
         return y
 
 

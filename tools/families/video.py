@@ -262,12 +262,52 @@ _LTX2_COMFY = dict(_LTX2, connector_attention_head_dim=8, connector_num_attentio
                    av_ca_timestep_scale_multiplier=1000.0, rope_type="interleaved", use_middle_indices_grid=True)
 
 
+def _v2a_reads_updated_video() -> bool:
+    """Whether this host's LTX-2 block feeds the video->audio cross-attention the video stream after the
+    audio->video update (ComfyUI 0.33) rather than before it (0.28 and earlier, diffusers, Lightricks' own code,
+    which normalise the video stream once, `vx_norm3`, for both)."""
+    import importlib
+    import inspect
+
+    import_comfy()
+    try:
+        av = importlib.import_module("comfy.ldm.lightricks.av_model")
+    except ImportError:  # a host without LTX-2
+        return False
+    return "vx_norm3" not in inspect.getsource(av.BasicAVTransformerBlock.forward)
+
+
+def _follow_host_v2a(model: torch.nn.Module) -> None:
+    """Make the diffusers twin compute what this host's LTX-2 computes: on hosts whose video->audio cross-attention
+    reads the updated video stream, renormalise it there (per block instance, from diffusers' own source)."""
+    import inspect
+    import textwrap
+
+    import diffusers.models.transformers.transformer_ltx2 as m
+
+    if not _v2a_reads_updated_video():
+        return
+    src = textwrap.dedent(inspect.getsource(m.LTX2VideoTransformerBlock.forward))
+    anchor = "        if use_v2a_cross_attention:\n"
+    assert src.count(anchor) == 1, "diffusers' LTX-2 block changed: update tools/families/video.py"
+    src = src.replace(anchor, anchor + "            norm_hidden_states = self.audio_to_video_norm(hidden_states)\n")
+    scope: dict = {}
+    exec(compile(src, m.__file__, "exec"), vars(m), scope)  # the same function, one line added
+    for block in model.modules():
+        if isinstance(block, m.LTX2VideoTransformerBlock):
+            block.forward = scope["forward"].__get__(block)
+
+
 def _ltx2(seed: int) -> Twin:
     """ComfyUI's LTXAV model returns [video, audio]; `_apply_model` packs them into one tensor right after. The
-    twin's diffusion model packs them itself (same numbers), so a call's output is one tensor."""
+    twin's diffusion model packs them itself (same numbers), so a call's output is one tensor.
+
+    ComfyUI 0.33 changed what the video->audio cross-attention reads (see `_follow_host_v2a`): the twin follows the
+    host, so that a T-LoRA's effect is checked on the model ComfyUI actually runs."""
     from diffusers import LTX2VideoTransformer3DModel
 
     d = seeded(LTX2VideoTransformer3DModel(out_channels=16, audio_out_channels=128, **_LTX2), seed)
+    _follow_host_v2a(d)
     for name, m in d.named_modules():  # ComfyUI's LTX attention normalises q and k with eps 1e-5 (diffusers: 1e-6)
         if name.endswith(("norm_q", "norm_k")):
             m.eps = 1e-5
