@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 from tools import tiny_models as tm
@@ -21,8 +22,9 @@ CONFIG = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_tok
 RANK = 4
 
 
-def comfy_clip(state_dict: dict):
-    """ComfyUI's CLIP object (SD1 tokenizer, CLIP-L structure) at the tiny config, holding `state_dict`."""
+def comfy_clip(state_dict: dict, dtype: torch.dtype = torch.float32):
+    """ComfyUI's CLIP object (SD1 tokenizer, CLIP-L structure) at the tiny config, holding `state_dict` stored in
+    `dtype` (fp8: ComfyUI's manual-cast layers, computing in float32)."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
@@ -30,7 +32,7 @@ def comfy_clip(state_dict: dict):
     model = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=comfy.sd1_clip.SDClipModel,
                               textmodel_json_config=CONFIG)
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, model)
-    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype})
     missing, unexpected = clip.load_sd({k if k.startswith("text_model.") else f"text_model.{k}": v
                                         for k, v in state_dict.items()})
     assert not [k for k in missing if k != "text_projection.weight"] and not unexpected, (missing, unexpected)
@@ -94,3 +96,93 @@ def test_text_encoder_modules_apply_at_full_rank_through_the_clip_input(pack, tm
     assert rel_l2(ref, ref_base) > 1e-2, "the T-LoRA has no measurable effect"
     assert rel_l2(ours - base, ref - ref_base) < 1e-4
     assert rel_l2(ours, ref) < 1e-5
+
+
+def _te_file(pack, te, folder, seed=1):
+    """A kohya-style LyCORIS T-LoRA with text-encoder modules only, written by LyCORIS on `te`."""
+    from lycoris import LycorisNetwork, create_lycoris
+    from safetensors.torch import load_file, save_file
+
+    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
+            "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+    saved = {k: getattr(LycorisNetwork, k) for k in keys}
+    try:
+        LycorisNetwork.apply_preset({"target_module": ["CLIPAttention", "CLIPMLP"]})
+        with tm.fast_lycoris():
+            net = create_lycoris(te, 1.0, linear_dim=RANK, linear_alpha=RANK, algo="tlora")
+    finally:
+        for k, v in saved.items():
+            setattr(LycorisNetwork, k, v)
+    net.apply_to()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for lora in net.loras:
+            for w in (lora.q_layer.weight, lora.p_layer.weight):
+                w.add_(w.std() * torch.randn(w.shape, generator=g))
+    raw = folder / "raw.safetensors"
+    net.save_weights(str(raw), torch.float32, None)
+    net.restore()
+    out = folder / "te_only.safetensors"
+    sd = load_file(str(raw))  # LyCORIS names the modules from the CLIP text model down: kohya adds text_model_
+    prefix = "lora_te_" if next(iter(sd)).startswith("lycoris_text_model_") else "lora_te_text_model_"
+    save_file({k.replace("lycoris_", prefix, 1): v for k, v in sd.items()}, str(out),
+              metadata={"ss_network_module": "lycoris.kohya"})
+    return out
+
+
+def _patches(clip) -> dict:
+    return {k: v[-1][1][1][0] for k, v in clip.patcher.patches.items()}  # key -> the T-LoRA's static diff
+
+
+@pytest.mark.parametrize("storage", ["fp8", "stock_lora_patched"])
+def test_text_encoder_base_is_read_through_the_layer_whatever_the_storage(pack, tmp_path, monkeypatch, storage):
+    """An fp8 CLIP: the base is the SVD of the weights the layers compute with (fp8 dequantized), not of raw bytes.
+    A CLIP a stock LoRA has patched (and loaded, so the patch is baked into its weights): the base is the SVD of the
+    original weights. Both are cached: a second execution does no SVD."""
+    import comfy.model_management
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    monkeypatch.setenv("TLORA_CACHE_DIR", str(tmp_path / "svd_cache"))
+    te = tm.fill_random_(CLIPTextModel(CLIPTextConfig(**CONFIG)), 4)
+    path = _te_file(pack, te, tmp_path)
+    tl = pack.tlora_core.load_tlora(path)
+    plain = comfy_clip(te.state_dict())
+    want = _patches(pack.engine.apply_text_encoder(plain, tl, 1.0))  # the exact fp32 base
+    if storage == "fp8":
+        clip = comfy_clip(te.state_dict(), torch.float8_e4m3fn)
+        kinds = {pack.engine.weights.layer_weight(clip.patcher, k).kind for k in want}
+        assert kinds == {"fp8"}, kinds
+    else:
+        clip = comfy_clip(te.state_dict())
+        stock = {k: ("diff", (torch.randn_like(v) * 0.1,)) for k, v in list(want.items())[:4]}
+        clip.add_patches(stock, 1.0)
+        comfy.model_management.load_models_gpu([clip.patcher])  # the stock patch baked into the weights
+        baked = next(iter(stock))
+        assert not torch.equal(comfy_get(clip, baked), comfy_get(plain, baked)), "the stock LoRA is not baked in"
+    before = pack.engine.bases.stats.snapshot()
+    got = _patches(pack.engine.apply_text_encoder(clip, tl, 1.0))
+    if storage == "fp8":  # other values than the fp32 CLIP's: decomposed afresh
+        assert pack.engine.bases.stats["svd"] > before["svd"]
+    else:  # the original weights, whose bases the fp32 CLIP already put in the SVD cache
+        assert pack.engine.bases.stats["svd"] == before["svd"]
+    assert set(got) == set(want)
+    names = {k.rsplit(".", 1)[0].replace(".", "_"): n for n in tl.text_encoder_modules for k in want
+             if k.rsplit(".", 1)[0].replace(".", "_").endswith(n.split("text_model_", 1)[1])}
+    assert len(names) == len(want)
+    for k in want:
+        base = pack.engine.weights.layer_weight(clip.patcher, k).dequantized()
+        u, s, v = pack.tlora_core.svd.top_singular(base, RANK)
+        adapter = tl.text_encoder_modules[names[k.rsplit(".", 1)[0].replace(".", "_")]]
+        exact = adapter.with_base(u, s, v).delta_weight(RANK)
+        assert torch.allclose(got[k], exact, atol=1e-6 * exact.abs().max()), k
+        if storage == "stock_lora_patched":  # the original weights: the same delta as on the unpatched CLIP
+            assert torch.allclose(got[k], want[k], atol=1e-5 * want[k].abs().max()), k
+    again = pack.engine.bases.stats.snapshot()
+    pack.engine.apply_text_encoder(clip, tl, 0.5)
+    assert pack.engine.bases.stats["svd"] == again["svd"], "re-execution ran the SVD again"
+
+
+def comfy_get(clip, key):
+    import comfy.utils
+
+    return comfy.utils.get_attr(clip.cond_stage_model, key).detach().clone()
