@@ -1,18 +1,24 @@
-// Live schedule graph on the Load T-LoRA node: active rank vs. timestep, redrawn as the
-// min_rank / alpha / max_rank widgets change. The graph widget never enters the prompt.
+// Live schedule graph on the Load T-LoRA node: active rank vs. timestep, redrawn as the min_rank / alpha /
+// max_rank widgets change. The graph widget never enters the prompt.
 // The node never rewrites what a saved workflow holds: the sliders are pre-filled from the file only when the
-// user picks a file or switches schedule_source to "file", never when a workflow is opened. The server's own
-// error for the chosen file (wrong family, standard LoRA without the vanilla switch, unreadable) is shown on
-// the node.
+// user picks a file or switches schedule_source to "file", never when a workflow is opened; pre-filled values go
+// through the widget (its callbacks, the workflow's modified flag and undo). What the server says about the
+// chosen file (wrong family, standard LoRA without the vanilla switch, unreadable) and the error of the last run
+// are shown on the node; a run error goes away when the next run starts.
+// All of the node's state lives in one object, `node.tlora`.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { scheduleRanks } from "./tlora_schedule.js";
+import { resolveSchedule, scheduleRanks } from "./tlora_schedule.js";
 
 const NODE = "TLoRALoader";
 const GRAPH_HEIGHT = 120;
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
+}
+
+function state(node) {
+  return (node.tlora ??= { info: null, runError: null, ticket: 0, edits: 0, schedule: null });
 }
 
 // Chain, never replace, a widget's callback.
@@ -26,78 +32,92 @@ function onChange(w, fn) {
   };
 }
 
-// A change of any input clears the error of the last run (it was about the old settings).
-function changed(node, fn) {
-  return () => {
-    node.tloraRunError = null;
-    fn();
-  };
+// The schedule the node will run (tlora_schedule.js `resolveSchedule`, the port of the server's rule).
+function currentSchedule(node) {
+  const s = state(node);
+  return resolveSchedule(s.info?.recorded ?? null, {
+    source: widget(node, "schedule_source")?.value,
+    maxRank: widget(node, "max_rank")?.value ?? 0,
+    minRank: widget(node, "min_rank")?.value ?? 1,
+    alpha: widget(node, "alpha")?.value ?? 1,
+  });
 }
 
-// The schedule the node will run: file rank when max_rank is 0, file values when schedule_source = file.
-function currentSchedule(node) {
-  const info = node.tloraInfo;
-  const maxW = widget(node, "max_rank")?.value ?? 0;
-  const maxRank = maxW > 0 ? maxW : info?.rank ?? null;
-  let minRank = widget(node, "min_rank")?.value ?? 1;
-  let alpha = widget(node, "alpha")?.value ?? 1;
-  const source = widget(node, "schedule_source")?.value;
-  if (source === "all_ranks" && maxRank != null) return { maxRank, minRank: maxRank, alpha: 1 };
-  if (source === "file" && info?.recorded) {
-    if (info.recorded.min_rank?.source !== "default") minRank = info.recorded.min_rank.value;
-    if (info.recorded.alpha?.source !== "default") alpha = info.recorded.alpha.value;
+// A value set as the user would set it: through the widget, so its callbacks run, the workflow is marked
+// modified and the change can be undone.
+function setWidget(node, w, value) {
+  if (w.value === value) return;
+  const canvas = app.canvas;
+  if (typeof w.setValue === "function") w.setValue(value, { e: undefined, node, canvas });
+  else {
+    w.value = value;
+    w.callback?.(value, canvas, node);
   }
-  return { maxRank, minRank, alpha };
+  node.graph?.change?.();
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
 // With schedule_source = file, show the values the file records on the sliders themselves.
 function prefillFromFile(node) {
-  const rec = node.tloraInfo?.recorded;
+  const rec = state(node).info?.recorded;
   if (!rec || widget(node, "schedule_source")?.value !== "file") return;
   for (const name of ["min_rank", "alpha"]) {
     const w = widget(node, name);
-    if (w && rec[name] && rec[name].source !== "default") w.value = rec[name].value;
+    if (w && rec[name] && rec[name].source !== "default") setWidget(node, w, rec[name].value);
   }
 }
 
 function refresh(node) {
-  const s = currentSchedule(node);
+  const s = state(node);
+  const sch = currentSchedule(node);
   let ranks = null;
-  let error = node.tloraInfo?.error ?? node.tloraRunError ?? null;
-  if (s.maxRank == null) error = error ?? "select a T-LoRA file (or set max_rank)";
+  let error = s.info?.error ?? s.runError ?? null;
+  if (sch.error) error = error ?? (sch.error === "no file rank" ? "select a T-LoRA file (or set max_rank)" : sch.error);
   else {
     try {
-      ranks = scheduleRanks(s.maxRank, Math.min(s.minRank, s.maxRank), s.alpha);
-      if (s.minRank > s.maxRank) error = error ?? `min_rank ${s.minRank} > max_rank ${s.maxRank}`;
+      ranks = scheduleRanks(sch.maxRank, Math.min(sch.minRank, sch.maxRank), sch.alpha);
+      if (sch.minRank > sch.maxRank) error = error ?? `min_rank ${sch.minRank} > max_rank ${sch.maxRank}`;
     } catch (e) {
       error = error ?? e.message;
     }
   }
-  node.tloraSchedule = { ...s, ranks, error };
+  s.schedule = { maxRank: sch.maxRank ?? null, minRank: sch.minRank ?? null, alpha: sch.alpha ?? null, ranks, error };
   node.setDirtyCanvas(true, true);
+}
+
+// The server's answer as JSON, or a readable error for anything else (an HTML error page, a proxy's reply).
+async function readReply(res) {
+  const type = res.headers.get("content-type") ?? "";
+  if (type.includes("application/json")) {
+    const body = await res.json();
+    return res.ok ? body : { error: body.error ?? `HTTP ${res.status}` };
+  }
+  const text = (await res.text()).replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim();
+  return { error: `the server answered HTTP ${res.status} ${res.statusText}${text ? `: ${text.slice(0, 160)}` : ""}` };
 }
 
 // Ask the server about the chosen file. `prefill`: only when the user picked it, never on opening a workflow.
 // A newer request supersedes an older one still in flight (its answer would be for another file).
 async function fetchInfo(node, prefill = false) {
+  const s = state(node);
   const name = widget(node, "lora_name")?.value;
-  const ticket = (node.tloraTicket = (node.tloraTicket ?? 0) + 1);
-  const edits = node.tloraEdits ?? 0;
+  const ticket = ++s.ticket;
+  const edits = s.edits;
   let info = null;
   if (name) {
     try {
       const vanilla = widget(node, "vanilla_tlora")?.value ? "true" : "false";
-      const res = await api.fetchApi(`/tlora/info?lora_name=${encodeURIComponent(name)}&vanilla_tlora=${vanilla}`);
-      const body = await res.json();
-      info = res.ok ? body : { error: body.error ?? `HTTP ${res.status}` };
+      info = await readReply(
+        await api.fetchApi(`/tlora/info?lora_name=${encodeURIComponent(name)}&vanilla_tlora=${vanilla}`),
+      );
     } catch (e) {
       info = { error: String(e) };
     }
   }
-  if (ticket !== node.tloraTicket) return;
-  node.tloraInfo = info;
+  if (ticket !== s.ticket) return;
+  s.info = info;
   // a slider the user moved while the answer was on its way stays as the user set it
-  if (prefill && edits === (node.tloraEdits ?? 0)) prefillFromFile(node);
+  if (prefill && edits === s.edits) prefillFromFile(node);
   refresh(node);
 }
 
@@ -117,7 +137,8 @@ function wrap(ctx, text, width) {
 }
 
 function drawGraph(ctx, node, width, y) {
-  const s = node.tloraSchedule;
+  const st = state(node);
+  const s = st.schedule;
   const pad = 10;
   const x0 = pad, x1 = width - pad, y0 = y + 4, y1 = y + GRAPH_HEIGHT - 14;
   ctx.save();
@@ -126,13 +147,13 @@ function drawGraph(ctx, node, width, y) {
   ctx.font = "10px sans-serif";
   ctx.fillStyle = "#aaa";
   if (!s || !s.ranks) {
-    ctx.fillStyle = s?.error && node.tloraInfo?.error ? "#f87171" : "#aaa";
+    ctx.fillStyle = s?.error && (st.info?.error || st.runError) ? "#f87171" : "#aaa";
     const lines = wrap(ctx, s?.error ?? "…", x1 - x0 - 12).slice(0, 7);
     lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 14 + 13 * i));
     ctx.restore();
     return;
   }
-  // t runs from 1000 (noise, left) to 0 (clean, right), like sampling.
+  // t runs from the noisiest timestep (left) to 0 (clean, right), like sampling.
   ctx.strokeStyle = "#3b82f6";
   ctx.lineWidth = 2;
   ctx.beginPath();
@@ -145,9 +166,9 @@ function drawGraph(ctx, node, width, y) {
   }
   ctx.stroke();
   ctx.fillStyle = "#ddd";
-  ctx.fillText(`rank ${s.ranks[999]} → ${s.ranks[0]} of ${s.maxRank}  (alpha ${Number(s.alpha).toFixed(2)})`, x0 + 6, y0 + 12);
+  ctx.fillText(`rank ${s.ranks.at(-1)} → ${s.ranks[0]} of ${s.maxRank}  (alpha ${Number(s.alpha).toFixed(2)})`, x0 + 6, y0 + 12);
   ctx.fillStyle = "#888";
-  ctx.fillText("noise  t=1000", x0, y1 + 11);
+  ctx.fillText(`noise  t=${n}`, x0, y1 + 11);
   ctx.fillText("t=0  clean", x1 - 52, y1 + 11);
   if (s.error) {
     ctx.fillStyle = "#f87171";
@@ -157,22 +178,62 @@ function drawGraph(ctx, node, width, y) {
   ctx.restore();
 }
 
+// The node an execution id names: "12" in the root graph, "12:5" node 5 inside the subgraph of node 12, ...
+function nodeForExecutionId(id) {
+  const parts = String(id ?? "").split(":");
+  let graph = app.rootGraph ?? app.graph;
+  let node = null;
+  for (const [i, part] of parts.entries()) {
+    node = graph?.getNodeById?.(part) ?? graph?.getNodeById?.(Number(part)) ?? null;
+    if (!node) return null;
+    if (i < parts.length - 1) graph = node.subgraph;
+  }
+  return node;
+}
+
+// Every Load T-LoRA node, in the root graph and in subgraphs.
+function loaderNodes() {
+  const out = [];
+  const seen = new Set();
+  const visit = (graph) => {
+    if (!graph || seen.has(graph)) return;
+    seen.add(graph);
+    for (const n of graph._nodes ?? graph.nodes ?? []) {
+      if (n.comfyClass === NODE) out.push(n);
+      if (n.subgraph) visit(n.subgraph);
+    }
+    for (const sg of graph.subgraphs?.values?.() ?? []) visit(sg);
+  };
+  visit(app.rootGraph ?? app.graph);
+  return out;
+}
+
 // An error the server raised while running a Load T-LoRA node (another model family, a bad schedule, ...) is
-// shown on that node until its file or settings change.
+// shown on that node until the next run starts.
 function showRunError({ detail }) {
-  const node = app.graph?.getNodeById?.(detail?.node_id);
+  const node = nodeForExecutionId(detail?.node_id);
   if (node?.comfyClass !== NODE) return;
-  node.tloraRunError = detail.exception_message;
+  state(node).runError = detail.exception_message;
   refresh(node);
+}
+
+function clearRunErrors() {
+  for (const node of loaderNodes()) {
+    if (state(node).runError == null) continue;
+    state(node).runError = null;
+    refresh(node);
+  }
 }
 
 app.registerExtension({
   name: "comfyui-tlora.loader",
   setup() {
     api.addEventListener("execution_error", showRunError);
+    api.addEventListener("execution_start", clearRunErrors);
   },
   async nodeCreated(node) {
     if (node.comfyClass !== NODE) return;
+    state(node);
     node.addCustomWidget({
       name: "tlora_schedule_graph",
       type: "tlora_schedule_graph",
@@ -187,17 +248,17 @@ app.registerExtension({
       },
     });
     for (const name of ["min_rank", "alpha", "max_rank", "strength_model", "timestep_mode"]) {
-      onChange(widget(node, name), changed(node, () => {
-        node.tloraEdits = (node.tloraEdits ?? 0) + 1;
+      onChange(widget(node, name), () => {
+        state(node).edits++;
         refresh(node);
-      }));
+      });
     }
-    onChange(widget(node, "schedule_source"), changed(node, () => {
+    onChange(widget(node, "schedule_source"), () => {
       prefillFromFile(node);
       refresh(node);
-    }));
+    });
     for (const name of ["lora_name", "vanilla_tlora"]) {
-      onChange(widget(node, name), changed(node, () => fetchInfo(node, true)));
+      onChange(widget(node, name), () => fetchInfo(node, true));
     }
     // opening a saved workflow restores the widgets after creation: show that file, change nothing
     const configured = node.onConfigure;

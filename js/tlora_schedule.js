@@ -20,3 +20,18 @@ export function scheduleRanks(maxRank, minRank = 1, alpha = 1.0) {
   for (let t = 0; t < MAX_TIMESTEP; t++) out[t] = activeRank(t, maxRank, minRank, alpha);
   return out;
 }
+
+// Port of tlora_core/recorded.py `resolve_schedule` (the frontend tier runs both on one table of cases): the
+// schedule a Load T-LoRA node runs, from what the file records (`recorded`, as /tlora/info answers it) and the
+// widgets { source, maxRank, minRank, alpha }. Returns { maxRank, minRank, alpha } or { error }.
+export function resolveSchedule(recorded, { source, maxRank, minRank, alpha }) {
+  const fileRank = recorded?.max_rank?.value ?? null;
+  if (fileRank == null) return maxRank > 0 ? { maxRank, minRank, alpha } : { error: "no file rank" };
+  if (maxRank > fileRank) return { error: `max_rank override ${maxRank} exceeds the file's rank ${fileRank}` };
+  const r = maxRank || fileRank;
+  const recordedOr = (name, slider) => (recorded[name] && recorded[name].source !== "default" ? recorded[name].value : slider);
+  if (source === "file") return { maxRank: r, minRank: recordedOr("min_rank", minRank), alpha: recordedOr("alpha", alpha) };
+  if (source === "sliders") return { maxRank: r, minRank, alpha };
+  if (source === "all_ranks") return { maxRank: r, minRank: r, alpha: 1.0 };
+  return { error: `schedule_source must be one of file, sliders, all_ranks, got '${source}'` };
+}

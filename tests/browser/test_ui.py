@@ -95,7 +95,7 @@ def test_example_workflow_renders_and_converts_like_the_frontend(page, server, n
 
 def _schedule(page) -> dict:
     return page.evaluate("""() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
-        return n.tloraSchedule ? {...n.tloraSchedule} : null; }""")
+        return n.tlora && n.tlora.schedule ? {...n.tlora.schedule} : null; }""")
 
 
 def _set(page, name, value) -> None:
@@ -178,7 +178,7 @@ def _wait_info(page, lora_name: str, timeout=20.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         ok = page.evaluate("""(name) => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
-            return !!n.tloraInfo && (n.tloraInfo.lora_name === name || !!n.tloraInfo.error); }""", lora_name)
+            return !!n.tlora && !!n.tlora.info && (n.tlora.info.lora_name === name || !!n.tlora.info.error); }""", lora_name)
         if ok:
             return
         page.wait_for_timeout(100)
@@ -228,21 +228,113 @@ def test_server_errors_about_the_file_show_on_the_node(page, artifacts, name, sa
     if name == "standard_lora.safetensors":  # switched on, the same file is accepted as a vanilla T-LoRA
         _set(page, "vanilla_tlora", True)
         page.wait_for_function("""() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
-            return n.tloraInfo && !n.tloraInfo.error && n.tloraSchedule && !n.tloraSchedule.error; }""",
+            return n.tlora.info && !n.tlora.info.error && n.tlora.schedule && !n.tlora.schedule.error; }""",
                                timeout=20_000)
 
 
-def test_a_run_error_shows_on_the_node(page, server):
-    """The official Flux lora.pt on the SDXL graph: the server refuses it when the prompt runs (another model family);
-    the message appears on the node itself."""
+def _queue_and_wait(page, server, timeout=180.0) -> dict:
+    """Queue the graph from the UI; the history entry of that prompt once it has finished (or failed)."""
+    before = set(server.get("/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        new = set(server.get("/history")) - before
+        if new:
+            entry = server.get("/history")[new.pop()]
+            if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str") == "error":
+                return entry
+        time.sleep(0.3)
+    raise AssertionError("the prompt queued from the UI did not finish")
+
+
+def test_a_run_error_shows_on_the_node_until_a_later_run_succeeds(page, server, tmp_path):
+    """A T-LoRA file that is broken on disk when the prompt runs: the server's message appears on the node. The
+    file is repaired on disk (no widget touched) and the graph queued again: the run succeeds and the message goes."""
+    good = server.base / "models" / "loras" / "tlora_sdxl" / "pytorch_lora_weights.safetensors"
+    victim = server.base / "models" / "loras" / "flaky_tlora.safetensors"
+    victim.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    try:
+        load_graph(page, json.loads((HERE / "tiny_sdxl_ui.json").read_text()))
+        _set(page, "lora_name", "flaky_tlora.safetensors")
+        _wait_info(page, "flaky_tlora.safetensors")
+        entry = _queue_and_wait(page, server)
+        assert entry["status"]["status_str"] == "error"
+        page.wait_for_function("""() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
+            return n.tlora.runError && n.tlora.schedule.error === n.tlora.info.error; }""", timeout=30_000)
+        assert "flaky_tlora.safetensors" in _schedule(page)["error"]
+        victim.write_bytes(good.resolve().read_bytes())  # repaired on disk; the node is not touched
+        entry = _queue_and_wait(page, server)
+        assert entry["status"].get("completed"), entry["status"]
+        page.wait_for_function("""() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
+            return n.tlora.runError === null; }""", timeout=30_000)
+    finally:
+        victim.unlink(missing_ok=True)
+
+
+def test_a_run_error_of_another_family_shows_on_the_node(page, server):
+    """The official Flux lora.pt on the SDXL graph: the server refuses it when the prompt runs."""
     load_graph(page, json.loads((HERE / "tiny_sdxl_ui.json").read_text()))
     _set(page, "lora_name", "tlora_flux/lora.pt")
     _wait_info(page, "tlora_flux/lora.pt")
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
     page.wait_for_function("""() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
-        return n.tloraSchedule && n.tloraSchedule.error && n.tloraSchedule.error.includes('matched 0 of'); }""",
+        return n.tlora.schedule && n.tlora.schedule.error && n.tlora.schedule.error.includes('matched 0 of'); }""",
                            timeout=120_000)
     error = _schedule(page)["error"]
     assert "lora.pt" in error and "Flux" in error, error
-    _set(page, "min_rank", 2)  # another setting: the old run's error goes away
-    assert not (_schedule(page)["error"] or "").startswith("T-LoRA file 'lora.pt'")
+
+
+def test_a_node_inside_a_subgraph_gets_its_graph_and_its_run_error(page, server):
+    """The Load T-LoRA node moved into a subgraph: its execution id is '<subgraph node>:<node>'; the run error still
+    reaches it, and it still draws its schedule."""
+    load_graph(page, json.loads((HERE / "tiny_sdxl_ui.json").read_text()))
+    _set(page, "lora_name", "tlora_flux/lora.pt")
+    _wait_info(page, "tlora_flux/lora.pt")
+    made = page.evaluate("""() => { const g = window.app.graph, n = g._nodes.find(n => n.type === 'TLoRALoader');
+        const r = g.convertToSubgraph(new Set([n])); return !!r; }""")
+    assert made, "the frontend could not make a subgraph"
+    inner = """() => { const outer = window.app.graph._nodes.find(n => n.subgraph);
+        return outer && outer.subgraph._nodes.find(n => n.type === 'TLoRALoader'); }"""
+    assert page.evaluate(f"() => {{ const n = ({inner})(); return !!(n && n.tlora); }}")
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function(f"""() => {{ const n = ({inner})();
+        return n && n.tlora.runError && n.tlora.runError.includes('matched 0 of'); }}""", timeout=120_000)
+
+
+def test_a_reply_that_is_not_json_shows_as_a_readable_error(page):
+    load_graph(page, json.loads((HERE / "tiny_sdxl_ui.json").read_text()))
+    page.route("**/tlora/info**", lambda route: route.fulfill(status=502, content_type="text/html",
+                                                            body="<html><body><h1>Bad Gateway</h1></body></html>"))
+    try:
+        _set(page, "lora_name", LORA)
+        page.wait_for_function("""() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
+            return n.tlora.info && n.tlora.info.error; }""", timeout=20_000)
+        error = _schedule(page)["error"]
+        assert "HTTP 502" in error and "Bad Gateway" in error and "SyntaxError" not in error, error
+    finally:
+        page.unroute("**/tlora/info**")
+
+
+def test_prefilled_values_go_through_the_widgets(page):
+    """Picking a file pre-fills min_rank and alpha as a user edit would: the workflow is marked modified, and undo
+    brings back the values from before."""
+    load_graph(page, json.loads((HERE / "tiny_sdxl_ui.json").read_text()))
+    _set(page, "schedule_source", "file")
+    _set(page, "min_rank", 5)
+    _set(page, "alpha", 0.6)
+    page.evaluate("() => window.app.extensionManager.workflow.activeWorkflow.changeTracker.checkState()")
+    page.evaluate("() => { const w = window.app.extensionManager.workflow.activeWorkflow; w.changeTracker.reset?.();"
+                  " }")
+    _set(page, "lora_name", LORA)
+    _wait_info(page, LORA)
+    deadline = time.time() + 10
+    while (_loader_widgets(page)["min_rank"], _loader_widgets(page)["alpha"]) != (MIN_RANK, TLORA_ALPHA):
+        assert time.time() < deadline, _loader_widgets(page)
+        page.wait_for_timeout(100)
+    assert page.evaluate("() => window.app.extensionManager.workflow.activeWorkflow.isModified")
+    for _ in range(4):  # back through the pre-fill (one undo step per widget, and the file pick)
+        if (_loader_widgets(page)["min_rank"], _loader_widgets(page)["alpha"]) == (5, 0.6):
+            break
+        page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Undo'); }")
+        page.wait_for_timeout(300)
+    assert (_loader_widgets(page)["min_rank"], _loader_widgets(page)["alpha"]) == (5, 0.6)

@@ -50,3 +50,47 @@ console.log(JSON.stringify(bad.map(([t, r, m, a]) => {{ try {{ activeRank(t, r, 
     for t, r, m, a in [(10, 0, 1, 1), (10, 8, 9, 1), (10, 8, 1, 0), (1001, 8, 1, 1), (-1, 8, 1, 1)]:
         with pytest.raises(ValueError):
             active_rank(t, r, m, a)
+
+
+def _recorded(min_rank=None, alpha=None, rank=8):
+    rec = {"max_rank": (rank, "tensor shapes"), "min_rank": (1, "default"), "alpha": (1.0, "default")}
+    if min_rank is not None:
+        rec["min_rank"] = (min_rank, "sidecar lycoris_config.json")
+    if alpha is not None:
+        rec["alpha"] = (alpha, "metadata")
+    return rec
+
+
+PRECEDENCE = [  # (recorded, widgets (source, max_rank, min_rank, alpha))
+    (rec, (src, mx, mn, al))
+    for rec in (_recorded(), _recorded(3), _recorded(alpha=1.5), _recorded(2, 0.5), _recorded(6, 2.0, rank=64))
+    for src in ("file", "sliders", "all_ranks", "bogus")
+    for mx in (0, 4, 8, 100)
+    for mn, al in ((1, 1.0), (4, 0.7))
+]
+
+
+def test_schedule_precedence_is_the_same_in_python_and_js():
+    """tlora_core.recorded.resolve_schedule decides what a Load T-LoRA node runs; the node's graph uses the JS port."""
+    from tlora_core.recorded import resolve_schedule
+
+    cases = [({k: {"value": v, "source": s} for k, (v, s) in rec.items()}, w) for rec, w in PRECEDENCE]
+    script = f"""
+import {{ resolveSchedule }} from {json.dumps((ROOT / 'js' / 'tlora_schedule.js').as_uri())};
+const cases = {json.dumps(cases)};
+console.log(JSON.stringify(cases.map(([rec, [source, maxRank, minRank, alpha]]) =>
+  resolveSchedule(rec, {{ source, maxRank, minRank, alpha }}))));
+"""
+    res = subprocess.run([NODE, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    js = json.loads(res.stdout)
+    errors = 0
+    for (rec, (src, mx, mn, al)), got in zip(PRECEDENCE, js, strict=True):
+        try:
+            r, m, a, _ = resolve_schedule(rec, src, mx, mn, al)
+        except ValueError:
+            assert "error" in got, (rec, src, mx, got)
+            errors += 1
+            continue
+        assert got == {"maxRank": r, "minRank": m, "alpha": a}, (rec, src, mx, mn, al)
+    assert 0 < errors < len(PRECEDENCE)  # both outcomes are exercised
