@@ -26,7 +26,11 @@ def _load(name: str) -> dict[str, dict[str, dict]]:
     """{host version: {row key: result}} for every host that left results."""
     out = {}
     for f in sorted(ARTIFACTS.glob(f"comfyui-*/{name}")):
-        out[f.parent.name.removeprefix("comfyui-")] = json.loads(f.read_text())
+        data = json.loads(f.read_text())
+        if "run" not in data:
+            sys.exit(f"{f}: results without a run id (written by an older test suite): run the tests again")
+        out[f.parent.name.removeprefix("comfyui-")] = data["results"]
+        print(f"{f.relative_to(ROOT)}: run {data['run']}, {len(data['results'])} rows", file=sys.stderr)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,16 +28,33 @@ def _host_tag() -> str:
 ARTIFACTS = ROOT / "test_artifacts" / _host_tag()
 
 
-def save_results(name: str, results: dict) -> None:
-    """Merge a module's measured results into this host's `test_artifacts/<host>/<name>` (read by
-    scripts/families_table.py); a partial run (-k) keeps the other entries."""
-    import json
+RUN_ID = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"  # this pytest session
 
+
+def save_results(name: str, results: dict) -> None:
+    """Write a module's measured results to this host's `test_artifacts/<host>/<name>` (read by
+    scripts/families_table.py). Modules of one session add to one file; a file left by an earlier session is
+    replaced, never merged, so a README table always comes from one run per host."""
     if results:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         out = ARTIFACTS / name
         old = json.loads(out.read_text()) if out.exists() else {}
-        out.write_text(json.dumps({**old, **results}, indent=1, sort_keys=True))
+        kept = old.get("results", {}) if old.get("run") == RUN_ID else {}
+        out.write_text(json.dumps({"run": RUN_ID, "results": {**kept, **results}}, indent=1, sort_keys=True))
+
+
+HOST_FREE_TIERS = ("unit", "frontend", "registry")  # they never start or import ComfyUI
+HOST_FIXTURES = {"server", "pack", "tiny", "loras"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test in a ComfyUI-free tier that asks for a ComfyUI fixture is a mistake in the test, reported as one."""
+    for item in items:
+        tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        used = HOST_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if tier in HOST_FREE_TIERS and used:
+            raise pytest.UsageError(f"{item.nodeid}: the {tier} tier runs without ComfyUI but asks for {sorted(used)}")
+
 
 # The schedule the server-tier T-LoRA files record in their SimpleTuner-style sidecar.
 RANK, LINEAR_ALPHA, MIN_RANK, TLORA_ALPHA = 8, 4, 2, 1.5

@@ -178,7 +178,7 @@ def _wait_info(page, lora_name: str, timeout=20.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         ok = page.evaluate("""(name) => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRALoader');
-            return !!n.tlora && !!n.tlora.info && (n.tlora.info.lora_name === name || !!n.tlora.info.error); }""", lora_name)
+            const i = n.tlora && n.tlora.info; return !!i && (i.lora_name === name || !!i.error); }""", lora_name)
         if ok:
             return
         page.wait_for_timeout(100)

@@ -215,6 +215,12 @@ def test_lora_name_outside_the_loras_folder_is_refused(server, tiny, base_latent
     _assert_untouched(server, tiny, base_latent, "sdxl")
 
 
-def test_good_tlora_unchanged_after_all_bad_inputs(server, tiny, tlora_latent):
-    """The bad files above left nothing behind: the good T-LoRA gives exactly its first result."""
+def test_good_tlora_unchanged_after_bad_inputs(server, tiny, tlora_latent, sdxl_tlora_file, tmp_path):
+    """Bad files run on the same server (here, in this test, whatever ran before it) leave nothing behind: the good
+    T-LoRA then gives exactly its first result."""
+    for case in ("truncated", "rank_mismatch", "nan_weight", "checkpoint", "alpha_nan"):
+        target, inputs = _make(case, tmp_path, sdxl_tlora_file, tiny)
+        name = f"again_{case}{target.suffix}"
+        with h.in_loras(server, {name: target}):
+            _expect_error(server, h.graph(tiny, "sdxl", [[h.tlora(name, **inputs)]]), name, CASES[case][1])
     assert h.same(h.sample(server, h.graph(tiny, chains=[[h.tlora(h.SDXL_LORA)]])), tlora_latent)

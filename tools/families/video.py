@@ -282,6 +282,7 @@ def _follow_host_v2a(model: torch.nn.Module) -> None:
     reads the updated video stream, renormalise it there (per block instance, from diffusers' own source)."""
     import inspect
     import textwrap
+    import types
 
     import diffusers.models.transformers.transformer_ltx2 as m
 
@@ -291,11 +292,13 @@ def _follow_host_v2a(model: torch.nn.Module) -> None:
     anchor = "        if use_v2a_cross_attention:\n"
     assert src.count(anchor) == 1, "diffusers' LTX-2 block changed: update tools/families/video.py"
     src = src.replace(anchor, anchor + "            norm_hidden_states = self.audio_to_video_norm(hidden_states)\n")
-    scope: dict = {}
-    exec(compile(src, m.__file__, "exec"), vars(m), scope)  # the same function, one line added
+    code = next(c for c in compile(src, m.__file__, "exec").co_consts if getattr(c, "co_name", "") == "forward")
+    original = m.LTX2VideoTransformerBlock.forward
+    forward = types.FunctionType(code, vars(m), "forward", original.__defaults__)  # the same function, one line added
+    forward.__kwdefaults__ = original.__kwdefaults__
     for block in model.modules():
         if isinstance(block, m.LTX2VideoTransformerBlock):
-            block.forward = scope["forward"].__get__(block)
+            block.forward = forward.__get__(block)
 
 
 def _ltx2(seed: int) -> Twin:
