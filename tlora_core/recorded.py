@@ -118,7 +118,7 @@ def _simple_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                m = re.match(r"^\s*([A-Za-z_][\w]*)\s*:\s*([^#\s][^#]*?)\s*(?:#.*)?$", line)
+                m = re.match(r"^([A-Za-z_][\w]*)\s*:\s*([^#\s][^#]*?)\s*(?:#.*)?$", line)  # no indent: top level
                 if m:
                     out.setdefault(m.group(1), m.group(2).strip("'\""))
     except (OSError, ValueError):  # unreadable, or not UTF-8 text

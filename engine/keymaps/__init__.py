@@ -4,6 +4,14 @@ Built on ComfyUI's own key map (`comfy.lora.model_lora_keys_unet`), which knows 
 of UNets, SD3, Flux, HiDream, Qwen-Image, Z-Image and more, including row slices of fused weights (Flux qkv).
 What it lacks per family (diffusers names of Flux 2, Wan, HunyuanVideo, ...) is added by the family modules
 below, keyed by ComfyUI model class. Every file name is tried in the spellings that map uses.
+
+The tests' tiny twins (`tools/families`) keep their own diffusers -> ComfyUI maps, on purpose. Theirs convert whole
+checkpoints (biases, norms, modulation tables, embeddings, fused weights assembled) before any ComfyUI model exists;
+these resolve LoRA module names against a loaded model and cover Linear weights only, so a shared map would be two
+half-maps joined by glue. Kept apart, every family test checks the maps here against a second encoding written from
+the diffusers side: a wrong name, slice or row order here shows as a T-LoRA effect that misses LyCORIS' (a wrong
+map there shows as ComfyUI's base forward missing diffusers'). A ComfyUI rename is fixed here; the twins follow only
+when ComfyUI changes what its checkpoints look like.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ def test_discrete_edm_timesteps_come_from_the_sigma_table(pack, sdxl, tlora):
 
 
 def test_distilled_lcm_timesteps_are_the_models_own(pack, sdxl, tlora):
-    """LCM's distilled sampling maps its 50 sigmas to the original 1000-step timesteps: those are the trainer's."""
+    """LCM's distilled sampling keeps 50 of the 1000 DDPM timesteps, every 20th ending at 999 (LCMScheduler's
+    `original_inference_steps=50`: t_i = 20 (i + 1) - 1): its i-th sigma is the trainer's timestep t_i."""
     from comfy_extras.nodes_model_advanced import LCM, ModelSamplingDiscreteDistilled
 
     class Distilled(ModelSamplingDiscreteDistilled, LCM):  # what ComfyUI's ModelSamplingDiscrete node builds for lcm
@@ -100,7 +101,7 @@ def test_distilled_lcm_timesteps_are_the_models_own(pack, sdxl, tlora):
     for i in (0, 10, 49):
         sigma = sampling.sigmas[i:i + 1]
         (ts, _), = ranks(pack, model, tlora, [float(sigma)])
-        assert ts == [int(sampling.timestep(sigma).item())] and ts[0] > i  # original timesteps, not 0..49
+        assert ts == [20 * (i + 1) - 1], (i, ts)  # original timesteps, not 0..49
 
 
 @pytest.mark.parametrize(("base", "kind"), [("StableCascadeSampling", "EPS"),

@@ -183,3 +183,12 @@ def test_base_shapes_must_match_trained_shapes(tmp_path):
     save_file(sd, str(tmp_path / "mismatch.safetensors"))
     with pytest.raises(TLoRAError, match="mismatch.safetensors"):
         load_tlora(tmp_path / "mismatch.safetensors")
+
+
+def test_hparams_yml_reads_top_level_keys_only(tmp_path):
+    """A nested `min_rank:` (say, under a model section) is not the run's schedule; the top-level one is."""
+    from tlora_core.recorded import recorded_schedule
+
+    (tmp_path / "hparams.yml").write_text("model:\n  min_rank: 7\n  rank: 4\nrank: 64\nmin_rank: 32  # half\n")
+    rec = recorded_schedule(str(tmp_path / "lora.safetensors"), {})
+    assert rec["min_rank"][0] == 32 and rec["max_rank"][0] == 64, rec
