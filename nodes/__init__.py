@@ -1,6 +1,6 @@
 """ComfyUI glue for ComfyUI-TLoRA: thin nodes over tlora_core."""
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .loader import TLoRALoader
 from .preview import TLoRASchedulePreview

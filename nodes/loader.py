@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..engine import Settings, apply_text_encoder, apply_tlora, file_key, lora_path, read_file, resolve_schedule
 from ..engine.timesteps import AUTO, MODES

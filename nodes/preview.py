@@ -10,7 +10,7 @@ import types
 import comfy.samplers
 import numpy as np
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..engine import timesteps
 from ..engine.patcher import RankState

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..engine import lora_path, output_path, save_with_base
 from .common import progress_bar

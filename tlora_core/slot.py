@@ -8,12 +8,15 @@ from two threads, or two clones sharing one application, never sees another call
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .adapter import Factors, ModuleAdapter
+
+Saved = tuple[int | None, list[int] | None, torch.Tensor | None]
 
 
 class ActiveRank(threading.local):
@@ -25,7 +28,7 @@ class ActiveRank(threading.local):
     sample_ranks: list[int] | None = None
     mask: torch.Tensor | None = None
 
-    def set(self, ranks: list[int], max_rank: int, device: torch.device) -> tuple:
+    def set(self, ranks: list[int], max_rank: int, device: torch.device) -> Saved:
         """Publish one call's per-item ranks; returns what to `restore` afterwards."""
         prev = self.rank, self.sample_ranks, self.mask
         self.rank = max(ranks)
@@ -33,7 +36,7 @@ class ActiveRank(threading.local):
         self.mask = (torch.arange(max_rank).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).float().to(device)
         return prev
 
-    def restore(self, prev: tuple) -> None:
+    def restore(self, prev: Saved) -> None:
         self.rank, self.sample_ranks, self.mask = prev
 
 
@@ -74,9 +77,9 @@ class FactorStore(torch.nn.Module):
                 hit = self._converted[key] = (down.to(dtype), up_t.to(dtype), k)
         return hit
 
-    def _apply(self, fn, recurse=True):  # moved by the host: copies in other dtypes are stale
-        self._converted.clear()
-        return super()._apply(fn, recurse)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FactorStore:
+        self._converted.clear()  # moved by the host: copies in other dtypes are stale
+        return super()._apply(fn, recurse)  # type: ignore[no-untyped-call, no-any-return]
 
 
 class FactorRef:

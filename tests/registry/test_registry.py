@@ -74,3 +74,21 @@ def test_github_workflows_are_valid_and_pass_the_security_audit():
                            text=True, timeout=120)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "No findings" in audit.stdout + audit.stderr, audit.stdout + audit.stderr
+
+
+def test_the_published_package_holds_the_pack_and_nothing_else(tmp_path):
+    """The archive `comfy node publish` uploads, made by comfy-cli's own packer (git-tracked files minus
+    .comfyignore): the pack's code, frontend, workflows and docs; no tests, tools, benchmarks or scripts."""
+    import zipfile
+
+    out = tmp_path / "node.zip"
+    res = subprocess.run([sys.executable, "-c", "import sys; from comfy_cli.file_utils import zip_files; "
+                          "zip_files(sys.argv[1])", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    names = zipfile.ZipFile(out).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert not tops & {"tests", "tools", "benchmarks", "scripts", ".ci", ".github", "Makefile"}, sorted(tops)
+    for needed in ("__init__.py", "pyproject.toml", "README.md", "LICENSE", "requirements.txt", "nodes", "engine",
+                   "tlora_core", "js", "example_workflows"):
+        assert needed in tops, (needed, sorted(tops))
+    assert "js/docs/TLoRALoader.md" in names and "nodes/loader.py" in names
