@@ -38,12 +38,6 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why the layer cannot take it
 
 
-def _hit(hit) -> tuple[str, tuple[int, int, int] | None, RowTransform | None]:
-    if isinstance(hit, str):
-        return hit, None, None
-    return hit[0], hit[1], hit[2] if len(hit) > 2 else None
-
-
 def plan(patcher, tl: TLoRA) -> Plan:
     """Map every diffusion-model module of `tl` onto `patcher`'s model. Raises when nothing matches, or when a
     module's shape says the file is for another architecture."""
@@ -62,7 +56,7 @@ def map_modules(tl: TLoRA, modules: dict[str, ModuleAdapter], key_map: dict, mod
     out = Plan()
     for name, adapter in modules.items():
         hit = keymaps.resolve(name, tl.naming, key_map)
-        key, rows, reorder = _hit(hit) if hit is not None else ("", None, None)
+        key, rows, reorder = keymaps.split_hit(hit) if hit is not None else ("", None, None)
         if not key.endswith(".weight") or key not in model_keys:
             out.unmatched.append(name)
             continue

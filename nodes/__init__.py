@@ -6,8 +6,9 @@ from .loader import TLoRALoader
 from .preview import TLoRASchedulePreview
 from .routes import register
 from .save import TLoRASaveWithBase
+from .train import TLoRATrain
 
-NODES: list[type[io.ComfyNode]] = [TLoRALoader, TLoRASchedulePreview, TLoRASaveWithBase]
+NODES: list[type[io.ComfyNode]] = [TLoRALoader, TLoRASchedulePreview, TLoRASaveWithBase, TLoRATrain]
 
 
 register()

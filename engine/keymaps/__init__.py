@@ -51,6 +51,13 @@ def model_key_map(model) -> dict:
     return key_map
 
 
+def split_hit(hit) -> tuple[str, tuple[int, int, int] | None, Callable | None]:
+    """(weight key, row slice (dim, start, size) or None, row transform or None) of one key-map entry."""
+    if isinstance(hit, str):
+        return hit, None, None
+    return hit[0], hit[1], hit[2] if len(hit) > 2 else None
+
+
 def candidates(name: str, naming: str) -> list[str]:
     """Spellings of one module name that the key map may hold."""
     out = [name]

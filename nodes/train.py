@@ -1,0 +1,169 @@
+"""Train T-LoRA node: trains a T-LoRA on one or a few images and returns the model running it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.utils
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..engine import Settings, apply_tlora, read_file
+from ..engine.timesteps import AUTO, MODES
+from ..engine.train_targets import ATTENTION, ATTENTION_FF, PRESETS
+from ..engine.training import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, TrainSettings, train
+from ..tlora_core import TLoRAError
+from .common import progress_bar
+
+log = logging.getLogger("tlora.train")
+
+CUSTOM = "custom"
+# Recipes a user picks from; every value stays editable through "custom"
+PRESET_VALUES = {
+    # ControlGenAI/T-LoRA's single-image SDXL recipe (the paper): rank 64, min_rank 32, scale 1, attention
+    "paper, single image": {"rank": 64, "min_rank": 32, "alpha": 1.0, "linear_alpha": 0.0, "learning_rate": 1e-4,
+                            "steps": 800, "targets": ATTENTION},
+    # SimpleTuner's LyCORIS defaults with T-LoRA: linear_dim 64, linear_alpha 32, tlora_min_rank 1, attention + FF
+    "SimpleTuner": {"rank": 64, "min_rank": 1, "alpha": 1.0, "linear_alpha": 32.0, "learning_rate": 1e-4,
+                    "steps": 800, "targets": ATTENTION_FF},
+}
+PRESET_NAMES = [*PRESET_VALUES, CUSTOM]
+NONE = "none"
+
+
+def output_path(filename: str, overwrite: bool) -> str:
+    """`filename` inside the first loras folder (sub-folders allowed, no escapes), with `.safetensors`."""
+    name = filename.strip()
+    if not name or name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise TLoRAError(name or "(empty)", "the file name must be a relative name inside models/loras "
+                                            "(no '..', not absolute)")
+    root = folder_paths.get_folder_paths("loras")[0]
+    path = os.path.normpath(os.path.join(root, name if name.endswith(".safetensors") else name + ".safetensors"))
+    if not path.startswith(os.path.normpath(root) + os.sep):
+        raise TLoRAError(name, "refused: the path leads outside models/loras")
+    if os.path.exists(path) and not overwrite:
+        raise TLoRAError(path, "exists: choose another file name or switch on 'overwrite'")
+    return path
+
+
+def _inputs() -> list:
+    loras = [NONE, *folder_paths.get_filename_list("loras")]
+    return [
+        io.Model.Input("model", tooltip="The diffusion model to customise (its weights stay untouched)."),
+        io.Latent.Input("latents", tooltip="The training image(s), encoded with the model's VAE: one LATENT, a batch, "
+                                           "or a list (as ComfyUI's training dataset nodes make)."),
+        io.Conditioning.Input("positive", tooltip="The caption(s): one conditioning for all images, or one per image."),
+        io.String.Input("filename", default="tlora/my_tlora",
+                        tooltip="Where to save the T-LoRA, inside models/loras (.safetensors is added)."),
+        io.Combo.Input("preset", options=PRESET_NAMES, default=PRESET_NAMES[0],
+                       tooltip="A recipe: 'paper, single image' (rank 64, min_rank 32, scale 1, attention, lr 1e-4, "
+                               "800 steps), 'SimpleTuner' (rank 64, linear_alpha 32, min_rank 1, attention + "
+                               "feed-forward). Its values replace rank, min_rank, alpha, linear_alpha, learning_rate, "
+                               "steps and targets; 'custom' uses the widgets."),
+        io.Int.Input("steps", default=800, min=1, max=100000, tooltip="Optimizer steps."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                       tooltip="Learning rate (AdamW's 1e-4 is the paper's)."),
+        io.Int.Input("rank", default=64, min=1, max=512, tooltip="T-LoRA rank R (linear_dim)."),
+        io.Int.Input("min_rank", default=32, min=1, max=512,
+                     tooltip="Ranks active at the noisiest timestep (tlora_min_rank)."),
+        io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
+                       tooltip="Schedule exponent (tlora_alpha): 1 = linear from min_rank to rank."),
+        io.Float.Input("linear_alpha", default=0.0, min=0.0, max=1024.0, step=1.0,
+                       tooltip="LyCORIS alpha: the delta is scaled by linear_alpha / rank; 0 = rank (scale 1)."),
+        io.Combo.Input("targets", options=list(PRESETS), default=ATTENTION,
+                       tooltip="Which layers: attention projections, plus feed-forward, or every linear the pack "
+                               "maps."),
+        io.Int.Input("batch_size", default=1, min=1, max=64,
+                     tooltip="Samples per step (each with its own noise, timestep and rank)."),
+        io.Int.Input("grad_accumulation", default=1, min=1, max=64, tooltip="Batches summed before each step."),
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
+                       tooltip="AdamW (weight decay 1e-4, the paper's), Adam or SGD."),
+        io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="Gradient clipping; 0 = off."),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
+        io.Combo.Input("training_dtype", options=list(DTYPES), default="auto",
+                       tooltip="Compute dtype of the model while training; auto = the model's own. The trained "
+                               "factors are always float32."),
+        io.Combo.Input("timestep_sampling", options=list(SAMPLINGS), default="auto",
+                       tooltip="How training timesteps are drawn. auto: uniform integer timesteps for SD-style "
+                               "models, logit-normal noise levels (with the model's shift) for flow models."),
+        io.Combo.Input("timestep_mode", options=list(MODES), default=AUTO,
+                       tooltip="How a sample's sigma becomes the timestep its rank comes from (the same rule Load "
+                               "T-LoRA uses when sampling)."),
+        io.Combo.Input("loss_space", options=list(LOSS_SPACES), default="prediction",
+                       tooltip="prediction: MSE of the model's own prediction (noise, v or flow velocity), as "
+                               "SimpleTuner and the paper train; x0: MSE of the denoised image."),
+        io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="Guidance value for guidance-distilled models (Flux dev); ignored by other models."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the noise, timesteps and batches."),
+        io.Boolean.Input("store_base", default=True,
+                         tooltip="Store the SVD base in the file: exact on any storage of the model (fp8, GGUF); "
+                                 "doubles the file size."),
+        io.Int.Input("save_every", default=0, min=0, max=100000,
+                     tooltip="Also save a checkpoint every N steps (<name>_step<N>.safetensors); 0 = only the end."),
+        io.Combo.Input("resume_from", options=loras, default=NONE,
+                       tooltip="Continue training from a T-LoRA trained on this model with the same rank and targets."),
+        io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
+    ]
+
+
+class TLoRATrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoRATrain",
+            display_name="Train T-LoRA",
+            category="loaders/T-LoRA",
+            description=("Trains a T-LoRA (timestep-dependent LoRA) on one or a few images, the way the paper and "
+                         "SimpleTuner do: each sample uses only the first r(t) ranks of its own timestep. Saves a "
+                         "standard LyCORIS 'tlora' file into models/loras and returns the model running it exactly "
+                         "as Load T-LoRA would."),
+            is_input_list=True,
+            is_output_node=True,
+            inputs=_inputs(),
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The input model with the trained T-LoRA applied."),
+                io.Custom("LOSS_MAP").Output(display_name="LOSS", tooltip="The loss of every step (Plot Loss Graph)."),
+                io.String.Output(display_name="FILE", tooltip="The saved file's name in models/loras."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
+        one = {k: v[0] if isinstance(v, list) else v for k, v in widgets.items()}
+        preset = one.pop("preset")
+        if preset != CUSTOM:
+            one.update(PRESET_VALUES[preset])
+        resume, filename, overwrite = one.pop("resume_from"), one.pop("filename"), one.pop("overwrite")
+        out = output_path(filename, overwrite)
+        settings = TrainSettings(**one)
+        tensors = [lat["samples"] for lat in latents]
+        pbar = comfy.utils.ProgressBar(settings.steps)
+        node_id = cls.hidden.unique_id if getattr(cls, "hidden", None) is not None else None
+
+        def progress(step: int, total: int, loss: float) -> None:
+            pbar.update_absolute(step, total)
+            _progress_text(f"step {step}/{total}  loss {loss:.4g}", node_id)
+
+        resume_path = folder_paths.get_full_path_or_raise("loras", resume) if resume != NONE else None
+        result = train(model[0], tensors, positive, settings, out, resume_path, progress, progress_bar(),
+                       source_name=f"{type(model[0].model).__name__}")
+        name = os.path.relpath(out, folder_paths.get_folder_paths("loras")[0])
+        tl = read_file(out, False)
+        trained, _ = apply_tlora(model[0], tl, Settings(1.0, settings.rank, settings.min_rank, settings.alpha,
+                                                        settings.timestep_mode))
+        text = f"{name}: {settings.steps} steps, loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
+        return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
+
+
+def _progress_text(text: str, node_id) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and node_id is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, node_id)

@@ -1,0 +1,145 @@
+"""The trainable T-LoRA module against LyCORIS' own: per-sample gradients equal LyCORIS' backward with
+`set_timestep_mask` item by item (fp64, linear and 1x1 conv), masked ranks get exactly zero gradient, the factors are
+the loader's, the file round-trips bit-exactly, and the draws follow the seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tlora_core import load_tlora
+from tlora_core.svd import top_singular
+from tlora_core.training import (
+    TrainableTLoRA,
+    draw_discrete_t,
+    draw_flow_u,
+    lycoris_config,
+    rank_mask,
+    write_trained,
+)
+
+R, ALPHA_LIN = 6, 3.0
+
+
+def _lycoris(layer: torch.nn.Module):
+    from lycoris.modules.tlora import TLoraModule
+
+    lo = TLoraModule("lycoris_layer", layer, 1.0, lora_dim=R, alpha=ALPHA_LIN)
+    lo.apply_to()
+    return lo.double()
+
+
+def _pair(conv: bool, seed: int = 0):
+    """A layer, LyCORIS' T-LoRA on it and ours, the same exact base and the same moved factors (fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = (torch.nn.Conv2d(6, 8, 1) if conv else torch.nn.Linear(12, 10)).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g, dtype=torch.float64))
+    lo = _lycoris(layer)
+    u, s, v = (t.double() for t in top_singular(layer.weight.reshape(layer.weight.shape[0], -1), R))
+    ours = TrainableTLoRA("lycoris_layer", u, s, v, ALPHA_LIN / R, conv=conv, dtype=torch.float64)
+    with torch.no_grad():  # "trained": off their init, the same on both sides
+        for p in (ours.q, ours.p, ours.lam):
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        shape = lo.q_layer.weight.shape
+        lo.q_layer.weight.copy_(ours.q.reshape(shape))
+        lo.p_layer.weight.copy_(ours.p.reshape(lo.p_layer.weight.shape))
+        lo.lambda_layer.copy_(ours.lam.reshape(1, R))
+        lo.base_q.copy_(ours.q0.reshape(lo.base_q.shape))
+        lo.base_p.copy_(ours.p0.reshape(lo.base_p.shape))
+        lo.base_lambda.copy_(ours.lam0.reshape(1, R))
+    return layer, lo, ours
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1x1"])
+def test_per_sample_gradients_equal_lycoris_item_by_item(conv):
+    from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
+
+    layer, lo, ours = _pair(conv)
+    g = torch.Generator().manual_seed(1)
+    ranks = [2, 4, 5]
+    x = torch.randn((3, 6, 3, 3) if conv else (3, 7, 12), generator=g, dtype=torch.float64)
+    G = torch.randn(layer(x).shape, generator=g, dtype=torch.float64)
+    conv_args = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} if conv else None
+    out = layer(x).detach() + ours.delta(x, rank_mask(ranks, R, "cpu").double(), conv_args)
+    (out * G).sum().backward()
+    try:
+        for i, r in enumerate(ranks):
+            set_timestep_mask(rank_mask([r], R).double())
+            (lo(x[i:i + 1]) * G[i:i + 1]).sum().backward()
+    finally:
+        clear_timestep_mask()
+    for mine, theirs in ((ours.q, lo.q_layer.weight), (ours.p, lo.p_layer.weight), (ours.lam, lo.lambda_layer)):
+        theirs_g = theirs.grad.reshape(mine.shape)
+        assert torch.allclose(mine.grad, theirs_g, rtol=1e-12, atol=1e-12 * theirs_g.abs().max()), \
+            (mine.grad - theirs_g).abs().max()
+
+
+def test_ranks_above_a_sample_get_exactly_zero_gradient_and_stay_put():
+    _, _, ours = _pair(False, seed=2)
+    x = torch.randn(1, 5, 12, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    opt = torch.optim.Adam(ours.parameters(), lr=1e-2, weight_decay=0.0)
+    ours.delta(x, rank_mask([3], R).double()).square().sum().backward()
+    assert torch.count_nonzero(ours.q.grad[3:]) == 0 and torch.count_nonzero(ours.p.grad[:, 3:]) == 0
+    assert torch.count_nonzero(ours.lam.grad[3:]) == 0
+    assert torch.count_nonzero(ours.q.grad[:3]) > 0
+    opt.step()
+    assert torch.equal(ours.q[3:], before["q"][3:]) and torch.equal(ours.p[:, 3:], before["p"][:, 3:])
+    assert torch.equal(ours.lam[3:], before["lam"][3:]) and not torch.equal(ours.q[:3], before["q"][:3])
+
+
+def test_trainable_factors_are_the_loaders():
+    """At every rank, the trainable module's delta equals what the loader computes from the same module."""
+    _, lo, ours = _pair(False, seed=3)
+    adapter = ours.adapter()
+    down, up_t = ours.factors()
+    for r in range(R + 1):
+        mine = (up_t[: 2 * r].T @ down[: 2 * r]).detach()
+        assert torch.allclose(mine, adapter.delta_weight(r).double(), atol=1e-6 * mine.abs().max().clamp_min(1e-9))
+    from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
+
+    set_timestep_mask(rank_mask([4], R).double())
+    try:
+        theirs = lo.get_diff_weight()[0].detach()
+    finally:
+        clear_timestep_mask()
+    mine = (up_t[:8].T @ down[:8]).detach()
+    assert torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("store_base", [True, False])
+def test_the_file_round_trips_bit_exactly(tmp_path, store_base):
+    mods = {}
+    for i, conv in enumerate((False, True)):
+        _, _, m = _pair(conv, seed=10 + i)
+        mods[f"lycoris_layer{i}"] = m.float()
+        m.name = f"lycoris_layer{i}"
+    path = str(tmp_path / "trained.safetensors")
+    cfg = lycoris_config(R, ALPHA_LIN, 2, 1.5, ["Attention"])
+    base = {"checkpoint": "unit", "created_by": "Train T-LoRA"} if store_base else None
+    write_trained(path, mods, cfg, {"steps": 3, "seed": 1}, base)
+    tl = load_tlora(path, sidecar=False)
+    assert tl.format == "lycoris_tlora" and tl.needs_svd_base != store_base
+    d = tl.schedule_defaults()
+    assert (d["max_rank"][0], d["min_rank"][0], d["alpha"][0]) == (R, 2, 1.5)
+    for name, m in mods.items():
+        a = tl.modules[name]
+        assert torch.equal(a.down, m.q.detach()) and torch.equal(a.up, m.p.detach())
+        assert torch.equal(a.lam.reshape(-1), m.lam.detach()) and a.scale == pytest.approx(m.scale)
+        if store_base:
+            assert torch.equal(a.base_down, m.q0) and torch.equal(a.base_up, m.p0)
+            assert torch.equal(a.base_lam.reshape(-1), m.lam0)
+    sidecar = tmp_path / "trained.lycoris_config.json"
+    assert sidecar.is_file() and '"tlora_min_rank": 2' in sidecar.read_text()
+
+
+def test_same_seed_same_draws():
+    draw = [(draw_flow_u(torch.Generator().manual_seed(s), 64), draw_discrete_t(torch.Generator().manual_seed(s), 64))
+            for s in (5, 5, 6)]
+    assert torch.equal(draw[0][0], draw[1][0]) and torch.equal(draw[0][1], draw[1][1])
+    assert not torch.equal(draw[0][0], draw[2][0])
+    u, t = draw[0]
+    assert (0 < u).all() and (u < 1).all() and t.min() >= 0 and t.max() <= 999
+    uni = draw_flow_u(torch.Generator().manual_seed(5), 4096, "uniform")
+    assert abs(float(uni.mean()) - 0.5) < 0.03
