@@ -311,6 +311,7 @@ class TrainingPatch:
         self.clone.set_injections(KEY, [comfy.patcher_extension.PatcherInjection(self._inject, self._eject)])
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY, self._wrapper)
         self._restore: list = []
+        self._frozen: list[tuple[torch.nn.Parameter, bool]] = []
 
     def _wrapper(self, executor, x, t, *args, **kwargs):
         ts, ranks = self.rank_state.ranks_for(t, executor.class_obj.model_sampling)
@@ -332,14 +333,22 @@ class TrainingPatch:
     def load(self) -> None:
         """Load the clone fully, make its weights usable by autograd, checkpoint its blocks (inference mode off)."""
         comfy.model_management.load_models_gpu([self.clone], memory_required=1e20, force_full_load=True)
-        replaced = deinference(self.clone.model.diffusion_model)
+        dm = self.clone.model.diffusion_model
+        replaced = deinference(dm)
         log.debug("Train T-LoRA: %d inference tensors replaced by normal copies", replaced)
+        # the base stays frozen (no gradient is computed for it); the flags are put back as they were in close()
+        self._frozen = [(p, p.requires_grad) for p in dm.parameters() if p.requires_grad]
+        for p, _ in self._frozen:
+            p.requires_grad_(False)
         if self.s.gradient_checkpointing:
             self._restore = _checkpoint_blocks(self.clone.model.diffusion_model)
 
     def close(self) -> None:
         _uncheckpoint(self._restore)
         self._restore = []
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._frozen = []
         self.clone.unpatch_model()
         self._eject(self.clone)
         self.state.mask = None
@@ -481,8 +490,9 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     device = comfy.model_management.get_torch_device()
     modules, digests, storage = _init_modules(patcher, targets, s, out, device, svd_progress)
     steps_before = _resume(modules, resume, s) if resume else 0
-    for m in modules.values():
-        m.to(device)
+    with torch.inference_mode(False):
+        for m in modules.values():
+            m.to(device)
     log.info("Train T-LoRA: %d modules (%s) on %s, rank %d, min_rank %d, alpha %g, %d steps; timesteps: %s",
              len(modules), s.targets, type(patcher.model).__name__, s.rank, s.min_rank, s.alpha, s.steps, how)
 

@@ -38,13 +38,15 @@ class TrainableTLoRA(torch.nn.Module):
                  conv: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.name, self.scale, self.conv = name, float(scale), conv
-        u, s, v = (t.detach().to(dtype) for t in (u, s.reshape(-1), v))
-        self.q = torch.nn.Parameter(v.T.contiguous().clone())  # (R, in)
-        self.p = torch.nn.Parameter(u.contiguous().clone())  # (out, R)
-        self.lam = torch.nn.Parameter(s.clone())  # (R,)
-        self.register_buffer("q0", v.T.contiguous().clone())
-        self.register_buffer("p0", u.contiguous().clone())
-        self.register_buffer("lam0", s.clone())
+        # normal tensors even when built where ComfyUI runs nodes (under inference mode): autograd needs them
+        with torch.inference_mode(False):
+            u, s, v = (t.detach().to(dtype).clone() for t in (u, s.reshape(-1), v))
+            self.q = torch.nn.Parameter(v.T.contiguous().clone())  # (R, in)
+            self.p = torch.nn.Parameter(u.contiguous().clone())  # (out, R)
+            self.lam = torch.nn.Parameter(s.clone())  # (R,)
+            self.register_buffer("q0", v.T.contiguous().clone())
+            self.register_buffer("p0", u.contiguous().clone())
+            self.register_buffer("lam0", s.clone())
 
     @property
     def rank(self) -> int:
@@ -56,7 +58,7 @@ class TrainableTLoRA(torch.nn.Module):
         if a.kind != ORTHO or a.base_up is None or a.base_down is None or a.base_lam is None or a.lam is None:
             raise ValueError(f"{a.name}: a T-LoRA module with its base is needed to resume training")
         m = cls(a.name, a.base_up, a.base_lam, a.base_down.T, a.scale, a.conv)
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             m.q.copy_(a.down.float())
             m.p.copy_(a.up.float())
             m.lam.copy_(a.lam.float().reshape(-1))

@@ -14,7 +14,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-NODE_IDS = ("TLoRALoader", "TLoRASchedulePreview", "TLoRASaveWithBase")
+NODE_IDS = ("TLoRALoader", "TLoRASchedulePreview", "TLoRASaveWithBase", "TLoRATrain")
 
 
 def test_pyproject_has_what_the_registry_needs():
