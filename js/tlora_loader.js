@@ -8,10 +8,10 @@
 // All of the node's state lives in one object, `node.tlora`.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { graphWidget, setWidget } from "./tlora_graph.js";
 import { resolveSchedule, scheduleRanks } from "./tlora_schedule.js";
 
 const NODE = "TLoRALoader";
-const GRAPH_HEIGHT = 120;
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -41,20 +41,6 @@ function currentSchedule(node) {
     minRank: widget(node, "min_rank")?.value ?? 1,
     alpha: widget(node, "alpha")?.value ?? 1,
   });
-}
-
-// A value set as the user would set it: through the widget, so its callbacks run, the workflow is marked
-// modified and the change can be undone.
-function setWidget(node, w, value) {
-  if (w.value === value) return;
-  const canvas = app.canvas;
-  if (typeof w.setValue === "function") w.setValue(value, { e: undefined, node, canvas });
-  else {
-    w.value = value;
-    w.callback?.(value, canvas, node);
-  }
-  node.graph?.change?.();
-  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
 // With schedule_source = file, show the values the file records on the sliders themselves.
@@ -121,63 +107,6 @@ async function fetchInfo(node, prefill = false) {
   refresh(node);
 }
 
-// Lines of at most `width` pixels.
-function wrap(ctx, text, width) {
-  const lines = [];
-  let line = "";
-  for (const word of String(text).split(/\s+/)) {
-    const next = line ? `${line} ${word}` : word;
-    if (line && ctx.measureText(next).width > width) {
-      lines.push(line);
-      line = word;
-    } else line = next;
-  }
-  if (line) lines.push(line);
-  return lines;
-}
-
-function drawGraph(ctx, node, width, y) {
-  const st = state(node);
-  const s = st.schedule;
-  const pad = 10;
-  const x0 = pad, x1 = width - pad, y0 = y + 4, y1 = y + GRAPH_HEIGHT - 14;
-  ctx.save();
-  ctx.fillStyle = "#1e1e24";
-  ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
-  ctx.font = "10px sans-serif";
-  ctx.fillStyle = "#aaa";
-  if (!s || !s.ranks) {
-    ctx.fillStyle = s?.error && (st.info?.error || st.runError) ? "#f87171" : "#aaa";
-    const lines = wrap(ctx, s?.error ?? "…", x1 - x0 - 12).slice(0, 7);
-    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 14 + 13 * i));
-    ctx.restore();
-    return;
-  }
-  // t runs from the noisiest timestep (left) to 0 (clean, right), like sampling.
-  ctx.strokeStyle = "#3b82f6";
-  ctx.lineWidth = 2;
-  ctx.beginPath();
-  const n = s.ranks.length;
-  for (let i = 0; i < n; i++) {
-    const t = n - 1 - i;
-    const px = x0 + ((x1 - x0) * i) / (n - 1);
-    const py = y1 - ((y1 - y0 - 4) * s.ranks[t]) / s.maxRank;
-    i === 0 ? ctx.moveTo(px, py) : ctx.lineTo(px, py);
-  }
-  ctx.stroke();
-  ctx.fillStyle = "#ddd";
-  ctx.fillText(`rank ${s.ranks.at(-1)} → ${s.ranks[0]} of ${s.maxRank}  (alpha ${Number(s.alpha).toFixed(2)})`, x0 + 6, y0 + 12);
-  ctx.fillStyle = "#888";
-  ctx.fillText(`noise  t=${n}`, x0, y1 + 11);
-  ctx.fillText("t=0  clean", x1 - 52, y1 + 11);
-  if (s.error) {
-    ctx.fillStyle = "#f87171";
-    const lines = wrap(ctx, s.error, x1 - x0 - 12).slice(0, 5);
-    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 26 + 13 * i));
-  }
-  ctx.restore();
-}
-
 // The node an execution id names: "12" in the root graph, "12:5" node 5 inside the subgraph of node 12, ...
 function nodeForExecutionId(id) {
   const parts = String(id ?? "").split(":");
@@ -234,18 +163,9 @@ app.registerExtension({
   async nodeCreated(node) {
     if (node.comfyClass !== NODE) return;
     state(node);
-    node.addCustomWidget({
-      name: "tlora_schedule_graph",
-      type: "tlora_schedule_graph",
-      value: null,
-      serialize: false,
-      options: { serialize: false },
-      draw(ctx, n, width, y) {
-        drawGraph(ctx, n, width, y);
-      },
-      computeSize(width) {
-        return [width, GRAPH_HEIGHT];
-      },
+    graphWidget(node, "tlora_schedule_graph", (n) => {
+      const st = state(n);
+      return { schedule: st.schedule, loud: !!(st.info?.error || st.runError) };
     });
     for (const name of ["min_rank", "alpha", "max_rank", "strength_model", "timestep_mode"]) {
       onChange(widget(node, name), () => {

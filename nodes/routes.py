@@ -1,4 +1,5 @@
-"""HTTP route the Load T-LoRA node's frontend uses to show a file's rank, recorded schedule and errors."""
+"""HTTP routes the nodes' frontend uses: a file's rank, recorded schedule and errors (Load T-LoRA), the training
+presets (Train T-LoRA)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ async def tlora_info(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def train_presets(request: web.Request) -> web.Response:
+    """The Train T-LoRA presets (the node's frontend fills the widgets from them)."""
+    from .train import PRESET_VALUES
+
+    return web.json_response(PRESET_VALUES)
+
+
 def register() -> None:
     try:
         from server import PromptServer
@@ -37,3 +45,4 @@ def register() -> None:
     if instance is None:
         return
     instance.routes.get("/tlora/info")(tlora_info)
+    instance.routes.get("/tlora/train_presets")(train_presets)

@@ -338,3 +338,32 @@ def test_prefilled_values_go_through_the_widgets(page):
         page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Undo'); }")
         page.wait_for_timeout(300)
     assert (_loader_widgets(page)["min_rank"], _loader_widgets(page)["alpha"]) == (5, 0.6)
+
+
+def test_train_node_draws_its_schedule_and_fills_presets(page, artifacts):
+    """Train T-LoRA in the editor: its schedule graph follows rank / min_rank / alpha, and choosing a preset shows the
+    preset's values on the widgets it sets."""
+    load_graph(page, workflow.load(ROOT / "example_workflows" / "tlora_train_single_image.json"))
+    get = """() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRATrain');
+        const s = n.tloraTrain && n.tloraTrain.schedule;
+        return s && s.ranks ? {ranks: s.ranks, maxRank: s.maxRank,
+            widgets: Object.fromEntries(n.widgets.map(w => [w.name, w.value]))} : null; }"""
+    page.wait_for_function(f"() => !!({get})()", timeout=20_000)
+    s = page.evaluate(get)
+    w = s["widgets"]
+    assert s["ranks"] == [active_rank(t, w["rank"], w["min_rank"], w["alpha"]) for t in range(1000)]
+    setw = """([name, value]) => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRATrain');
+        const w = n.widgets.find(w => w.name === name); w.value = value; w.callback?.(value); }"""
+    page.evaluate(setw, ["preset", "SimpleTuner"])
+    deadline = time.time() + 10
+    while (w := page.evaluate(get)["widgets"])["linear_alpha"] != 32 or w["min_rank"] != 1:
+        assert time.time() < deadline, w
+        page.wait_for_timeout(100)
+    assert w["targets"] == "attention+feed_forward"
+    page.evaluate(setw, ["preset", "custom"])
+    page.evaluate(setw, ["min_rank", 16])
+    page.evaluate(setw, ["alpha", 2.0])
+    s = page.evaluate(get)
+    assert s["ranks"] == [active_rank(t, 64, 16, 2.0) for t in range(1000)]
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(artifacts / "ui_train_node.png"))

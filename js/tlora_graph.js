@@ -1,0 +1,95 @@
+import { app } from "../../scripts/app.js";
+
+// What both T-LoRA nodes share in the graph editor: the schedule graph they draw on themselves (active rank against
+// timestep, noise on the left) and setting a widget as the user would.
+
+export const GRAPH_HEIGHT = 120;
+
+// Lines of at most `width` pixels.
+export function wrap(ctx, text, width) {
+  const lines = [];
+  let line = "";
+  for (const word of String(text).split(/\s+/)) {
+    const next = line ? `${line} ${word}` : word;
+    if (line && ctx.measureText(next).width > width) {
+      lines.push(line);
+      line = word;
+    } else line = next;
+  }
+  if (line) lines.push(line);
+  return lines;
+}
+
+// s: { ranks (per integer t, or null), maxRank, alpha, error }; `loud`: the error comes from the server (red).
+export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
+  const pad = 10;
+  const x0 = pad, x1 = width - pad, y0 = y + 4, y1 = y + GRAPH_HEIGHT - 14;
+  ctx.save();
+  ctx.fillStyle = "#1e1e24";
+  ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
+  ctx.font = "10px sans-serif";
+  ctx.fillStyle = "#aaa";
+  if (!s || !s.ranks) {
+    ctx.fillStyle = s?.error && loud ? "#f87171" : "#aaa";
+    const lines = wrap(ctx, s?.error ?? "…", x1 - x0 - 12).slice(0, 7);
+    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 14 + 13 * i));
+    ctx.restore();
+    return;
+  }
+  ctx.strokeStyle = "#3b82f6";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  const n = s.ranks.length;
+  for (let i = 0; i < n; i++) {
+    const t = n - 1 - i;
+    const px = x0 + ((x1 - x0) * i) / (n - 1);
+    const py = y1 - ((y1 - y0 - 4) * s.ranks[t]) / s.maxRank;
+    i === 0 ? ctx.moveTo(px, py) : ctx.lineTo(px, py);
+  }
+  ctx.stroke();
+  ctx.fillStyle = "#ddd";
+  const head = `${label}rank ${s.ranks.at(-1)} → ${s.ranks[0]} of ${s.maxRank}  (alpha ${Number(s.alpha).toFixed(2)})`;
+  ctx.fillText(head, x0 + 6, y0 + 12);
+  ctx.fillStyle = "#888";
+  ctx.fillText(`noise  t=${n}`, x0, y1 + 11);
+  ctx.fillText("t=0  clean", x1 - 52, y1 + 11);
+  if (s.error) {
+    ctx.fillStyle = "#f87171";
+    const lines = wrap(ctx, s.error, x1 - x0 - 12).slice(0, 5);
+    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 26 + 13 * i));
+  }
+  ctx.restore();
+}
+
+// The graph as a widget that never enters the prompt; `get(node)` gives what to draw.
+export function graphWidget(node, name, get) {
+  return node.addCustomWidget({
+    name,
+    type: name,
+    value: null,
+    serialize: false,
+    options: { serialize: false },
+    draw(ctx, n, width, y) {
+      const { schedule, loud, label } = get(n);
+      drawSchedule(ctx, schedule, width, y, loud, label);
+    },
+    computeSize(width) {
+      return [width, GRAPH_HEIGHT];
+    },
+  });
+}
+
+// A value set as the user would set it: through the widget, so its callbacks run, the workflow is marked
+// modified and the change can be undone.
+export function setWidget(node, w, value) {
+  if (w.value === value) return;
+  const canvas = app.canvas;
+  if (typeof w.setValue === "function") w.setValue(value, { e: undefined, node, canvas });
+  else {
+    w.value = value;
+    w.callback?.(value, canvas, node);
+  }
+  node.graph?.change?.();
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+

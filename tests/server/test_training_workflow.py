@@ -1,0 +1,74 @@
+"""The training example workflow over HTTP on a real ComfyUI, on the tiny SDXL: one image encoded, Train T-LoRA, the
+loss plotted, and the trained model sampled beside the base model; then the node's refusals, over the server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from safetensors import safe_open
+
+from tests.conftest import ROOT
+from tools.harness import workflow
+from tools.harness.server import error_message
+
+WF = ROOT / "example_workflows" / "tlora_train_single_image.json"
+SDXL_COND = {"tokens": 8, "context_dim": 2048, "pooled_dim": 1280}
+SIZE = 64
+
+
+def _prompt(server, tiny, **train):
+    """The example workflow on the tiny models, 64 px, a few steps; `train` overrides Train T-LoRA's inputs."""
+    subject = Path(server.base) / "input" / "subject.png"
+    if not subject.exists():
+        rng = np.random.default_rng(0)
+        Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(subject)
+    info = server.get("/object_info")
+    files = {"unet": Path(tiny["sdxl"]["comfy_file"]).name, "vae": Path(tiny["vae"]["vae_4ch"]).name, "lora": ""}
+    overrides = {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 3},
+                 "TLoRATrain": {"preset": "custom", "steps": 6, "rank": 4, "min_rank": 2, "learning_rate": 1e-2,
+                                "filename": "trained/e2e", "overwrite": True, **train}}
+    return workflow.substitute_tiny(workflow.to_api(workflow.load(WF), info), files, SDXL_COND, overrides)
+
+
+def test_the_training_example_runs_over_http(server, tiny):
+    entry = server.run(_prompt(server, tiny), timeout=900)
+    outputs = entry["outputs"]
+    train_id = next(k for k, v in _prompt(server, tiny).items() if v["class_type"] == "TLoRATrain")
+    text = outputs[train_id]["text"][0]
+    assert text.startswith("trained/e2e.safetensors: 6 steps"), text
+    path = Path(server.base) / "models" / "loras" / "trained" / "e2e.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    cfg = json.loads(meta["lycoris_config"])
+    assert (cfg["algo"], cfg["linear_dim"], cfg["tlora_min_rank"]) == ("tlora", 4, 2)
+    assert any(k.endswith(".base_q") for k in keys) and any(k.endswith(".q_layer.weight") for k in keys)
+    assert (path.parent / "e2e.lycoris_config.json").is_file()
+    images = server.images(entry)
+    assert len(images) >= 3  # the loss graph, the image with the trained T-LoRA, the base model's
+    body = server.get("/tlora/info?lora_name=trained/e2e.safetensors")
+    assert body["rank"] == 4 and body["recorded"]["min_rank"]["value"] == 2 and body["stored_base"]
+
+
+def test_the_node_refuses_bad_inputs_before_any_work(server, tiny):
+    taken = Path(server.base) / "models" / "loras" / "trained" / "taken.safetensors"
+    taken.parent.mkdir(exist_ok=True)
+    taken.write_bytes(b"someone else's file")
+    for train, says in (({"filename": "../outside"}, "inside models/loras"),
+                        ({"filename": "trained/taken", "overwrite": False}, "exists"),
+                        ({"min_rank": 9}, "min_rank")):
+        prompt = _prompt(server, tiny, **train)
+        entry = server.run(prompt, expect_error=True)
+        msg = error_message(entry)
+        assert msg.startswith("TLoRATrain:") and says in msg, msg
+    assert taken.read_bytes() == b"someone else's file"
+    assert not (Path(server.base) / "models" / "outside.safetensors").exists()
+    assert "system" in server.get("/system_stats")
+
+
+def test_presets_are_served_for_the_node(server):
+    presets = server.get("/tlora/train_presets")
+    assert presets["paper, single image"]["min_rank"] == 32 and presets["SimpleTuner"]["linear_alpha"] == 32
