@@ -1,9 +1,11 @@
-"""The main job: run the SDXL T-LoRA example workflow through a real headless ComfyUI on tiny models.
+"""The main job: run the SDXL T-LoRA example workflow through a real headless ComfyUI on tiny models, then the
+training example (train a T-LoRA on one image, plot the loss, sample with it beside the base model).
 
 Writes to --out:
   tlora_sdxl_*.png          the image ComfyUI produced
   trace.jsonl               one line per model call: sigma -> trainer timestep -> active rank
   schedule.png              the schedule plot from the T-LoRA Schedule Preview node, with the run's calls
+  train/                    the training example: loss graph, trained T-LoRA file (+ sidecar), both images
   summary.json              what ran, and the check that every call's rank matches the schedule formula
 """
 
@@ -62,6 +64,38 @@ def check_trace(lines: list[dict]) -> dict:
             "rank_changes": sum(1 for a, b in zip(ranks, ranks[1:], strict=False) if a != b)}
 
 
+TRAIN_STEPS = 30
+
+
+def run_training(srv: ComfyServer, info: dict, tiny: dict, cond: dict, out: Path) -> dict:
+    """The training example on the tiny SDXL: a seeded 64 px image, Train T-LoRA, Plot Loss Graph, both samplers."""
+    import numpy as np
+    from PIL import Image
+
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(srv.base / "input" / "subject.png")
+    wf = workflow.load(ROOT / "example_workflows" / "tlora_train_single_image.json")
+    overrides = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": STEPS},
+                 "TLoRATrain": {"preset": "custom", "steps": TRAIN_STEPS, "rank": RANK, "min_rank": MIN_RANK,
+                                "learning_rate": 1e-2, "filename": "demo/trained_tlora", "overwrite": True}}
+    prompt = workflow.substitute_tiny(workflow.to_api(wf, info), {**tiny, "lora": ""}, cond, overrides)
+    entry = srv.run(prompt, timeout=1800)
+    names = {"LossGraphNode": "loss_graph.png", "SaveImage": None}
+    for nid, node_out in entry["outputs"].items():
+        ct = prompt[nid]["class_type"]
+        for i, img in enumerate(node_out.get("images", [])):
+            name = names.get(ct) or f"{prompt[nid]['inputs'].get('filename_prefix', nid)}_{i:02d}.png"
+            q = f"/view?filename={img['filename']}&subfolder={img.get('subfolder', '')}&type={img['type']}"
+            (out / name).write_bytes(srv.get(q))
+    trained = srv.base / "models" / "loras" / "demo"
+    for f in trained.iterdir():
+        shutil.copy(f, out / f.name)
+    text = next(v["text"][0] for k, v in entry["outputs"].items() if prompt[k]["class_type"] == "TLoRATrain")
+    return {"workflow": "example_workflows/tlora_train_single_image.json", "steps": TRAIN_STEPS, "result": text,
+            "file": "demo/trained_tlora.safetensors", "outputs": sorted(p.name for p in out.iterdir())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=str(ROOT / ".cache" / "tiny"), help="where tiny models are cached")
@@ -104,18 +138,20 @@ def main() -> int:
             trace_len = len(lines)
             entry = srv.run(prompt)
             (out / "schedule.png").write_bytes(srv.images(entry)[0])
+            lines = lines[:trace_len]
+            training = run_training(srv, info, tiny, cond, out / "train")
             log_text = srv.log_text()
-        lines = lines[:trace_len]
 
     result = check_trace(lines)
     summary = {"workflow": "example_workflows/tlora_sdxl_txt2img.json", "model": "tiny SDXL-family UNet (random)",
                "tlora": str(lora.relative_to(models)), "schedule": {k: lines[0][k] for k in ("max_rank", "min_rank",
                                                                                             "alpha")},
-               "steps": STEPS, "size": SIZE, **result, "seconds": round(time.time() - t0, 1),
+               "steps": STEPS, "size": SIZE, **result, "training": training, "seconds": round(time.time() - t0, 1),
                "server_log_tlora_lines": [x for x in log_text.splitlines() if "T-LoRA" in x][:6]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"T-LoRA demo: {result['calls']} model calls, ranks {result['ranks_seen']}, "
-          f"{result['mismatches']} mismatches with the schedule formula")
+          f"{result['mismatches']} mismatches with the schedule formula; trained {training['file']} in "
+          f"{training['steps']} steps")
     for p in sorted(out.iterdir()):
         print(f"  {p}")
     return 0 if result["mismatches"] == 0 and result["calls"] > 0 and len(result["ranks_seen"]) > 1 else 1
