@@ -16,6 +16,7 @@ training is bit-identical to before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -188,16 +189,23 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def saved_copies():
-    """Autograd keeps copies of the tensors it saves: ComfyUI's models update residual streams in place
-    (`x += ...` in Flux blocks, after a LayerNorm saved x), which would otherwise invalidate what backward needs."""
+def saved_copies(on: bool = True):
+    """Autograd keeps copies of the tensors it saves: some of ComfyUI's models update residual streams in place
+    (`x += ...` in Flux blocks, after a LayerNorm saved x), which would otherwise invalidate what backward needs.
+    Costly (a copy of every saved activation), so the loop turns it on only for models that need it."""
+    if not on:
+        return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_copy_on_save, _same)
+
+
+INPLACE_ERROR = "modified by an inplace operation"
 
 
 _DUMMY: list[torch.Tensor] = []
 
 
-def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+def _checkpoint_blocks(diffusion_model: torch.nn.Module, copies: Callable[[], bool]
+                       ) -> list[tuple[torch.nn.Module, Any]]:
     """Gradient checkpointing of the model's repeated blocks (the items of its top-level ModuleLists): each block runs
     without keeping activations and is recomputed in the backward pass, there with `saved_copies` (blocks update
     their inputs in place). Reentrant checkpointing, with every tensor argument passed positionally so gradients
@@ -224,7 +232,7 @@ def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[tuple[torch.nn.
                 n = len(args)
 
                 def run(_dummy, *tensors):
-                    with saved_copies():
+                    with saved_copies(copies()):
                         fresh = [t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in tensors]
                         return _orig(*fresh[:n], **rest, **dict(zip(names, fresh[n:], strict=True)))
 
@@ -312,6 +320,7 @@ class TrainingPatch:
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY, self._wrapper)
         self._restore: list = []
         self._frozen: list[tuple[torch.nn.Parameter, bool]] = []
+        self.copies = False  # saved_copies(): found out by the loop's first batch (`_Loop.probe`)
 
     def _wrapper(self, executor, x, t, *args, **kwargs):
         ts, ranks = self.rank_state.ranks_for(t, executor.class_obj.model_sampling)
@@ -341,7 +350,7 @@ class TrainingPatch:
         for p, _ in self._frozen:
             p.requires_grad_(False)
         if self.s.gradient_checkpointing:
-            self._restore = _checkpoint_blocks(self.clone.model.diffusion_model)
+            self._restore = _checkpoint_blocks(self.clone.model.diffusion_model, lambda: self.copies)
 
     def close(self) -> None:
         _uncheckpoint(self._restore)
@@ -355,9 +364,9 @@ class TrainingPatch:
 
 
 class _Loop:
-    def __init__(self, s: TrainSettings, modules: dict[str, TrainableTLoRA], state: _State,
+    def __init__(self, s: TrainSettings, modules: dict[str, TrainableTLoRA], patch: TrainingPatch,
                  save: Callable[[int], str | None], progress: Progress | None, device):
-        self.s, self.modules, self.state = s, modules, state
+        self.s, self.modules, self.patch, self.state = s, modules, patch, patch.state
         self.save, self.progress, self.device = save, progress, device
         self.generator = torch.Generator().manual_seed(s.seed)
         params = [p for m in modules.values() for p in m.parameters()]
@@ -373,28 +382,49 @@ class _Loop:
         self.checkpoints: list[str] = []
         self.drawn: list[float] = []  # the trainer's timestep of every sample drawn, in order (tests, diagnostics)
 
-    def draw_sigmas(self, ms, n: int) -> torch.Tensor:
+    def draw_sigmas(self, ms, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One sigma per sample: integer DDPM timesteps (their table entry) for discrete models, the model's own
         shift of a logit-normal or uniform noise fraction for flow models, the SD table for EDM ones."""
         kind = timesteps.kind_of(ms)
         how = self.s.timestep_sampling
+        own = generator is None
+        generator = self.generator if generator is None else generator
         if kind in ("discrete", "edm"):
             if how == LOGIT_NORMAL:
-                t = (draw_flow_u(self.generator, n) * timesteps.schedule.MAX_TIMESTEP).long().clamp(0, 999)
+                t = (draw_flow_u(generator, n) * timesteps.schedule.MAX_TIMESTEP).long().clamp(0, 999)
             else:
-                t = draw_discrete_t(self.generator, n)
+                t = draw_discrete_t(generator, n)
             table = ms.sigmas if kind == "discrete" else timesteps.sd_sigmas()
-            self.drawn += [float(v) for v in t]
+            self.drawn += [float(v) for v in t] if own else []
             return table.detach().float().cpu()[t]
-        u = draw_flow_u(self.generator, n, UNIFORM if how == UNIFORM else LOGIT_NORMAL)
+        u = draw_flow_u(generator, n, UNIFORM if how == UNIFORM else LOGIT_NORMAL)
         sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - float(v))) for v in u])
-        self.drawn += [float(v) * timesteps.schedule.MAX_TIMESTEP for v in sigma]
+        self.drawn += [float(v) * timesteps.schedule.MAX_TIMESTEP for v in sigma] if own else []
         return sigma
+
+    def probe(self, model_wrap, extra_args, ms, cond, latent: torch.Tensor) -> None:
+        """One forward and backward with a sample of its own (the training draws are not touched, nothing is kept):
+        does this model need `saved_copies`? Models that update activations in place fail without them."""
+        g = torch.Generator().manual_seed(self.s.seed + 1)
+        noise = torch.randn(latent[:1].shape, generator=g)
+        sigma = self.draw_sigmas(ms, 1, g)
+        calls = len(self.state.calls)
+        try:
+            self.micro_batch(model_wrap, extra_args, ms, cond, latent[:1], noise, sigma)
+        except RuntimeError as e:
+            if INPLACE_ERROR not in str(e):
+                raise
+            self.patch.copies = True
+            log.info("Train T-LoRA: this model updates activations in place; autograd keeps copies")
+        finally:
+            del self.state.calls[calls:]
+            self.opt.zero_grad(set_to_none=True)
 
     def run(self, model_wrap, extra_args, latent: torch.Tensor, cond_of: list[int]) -> None:
         ms = model_wrap.inner_model.model_sampling
         conds = model_wrap.conds["positive"]
         s, n_images = self.s, latent.shape[0]
+        self.probe(model_wrap, extra_args, ms, conds[cond_of[0]], latent)
         for step in range(s.steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
             step_losses = []
@@ -426,7 +456,7 @@ class _Loop:
         model_wrap.conds["positive"] = [cond]
         calls = len(self.state.calls)
         try:
-            with torch.enable_grad(), saved_copies():
+            with torch.enable_grad(), saved_copies(self.patch.copies):
                 denoised = model_wrap(xt, sigma, **extra_args)
                 if len(self.state.calls) != calls + 1:
                     raise RuntimeError(f"Train T-LoRA: {len(self.state.calls) - calls} model calls for one batch")
@@ -518,7 +548,7 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
         log.info("Train T-LoRA: checkpoint %s", path)
         return path
 
-    loop = _Loop(s, modules, patch.state, save, progress, device)
+    loop = _Loop(s, modules, patch, save, progress, device)
     try:
         with torch.inference_mode(False):
             patch.load()
