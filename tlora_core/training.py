@@ -34,6 +34,10 @@ T_MAX = 1000
 class TrainableTLoRA(torch.nn.Module):
     """One module's trainable factors (fp32 parameters) and frozen base (fp32 buffers)."""
 
+    q0: torch.Tensor
+    p0: torch.Tensor
+    lam0: torch.Tensor
+
     def __init__(self, name: str, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, scale: float,
                  conv: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
