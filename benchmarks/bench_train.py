@@ -28,13 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tools import tiny_models as tm  # noqa: E402
 
-SDXL_SPEC = tm.UNetSpec((320, 640, 1280), 2, (0, 2, 10), (0, 2, 10), 10, 2048, head_channels=64, linear_proj=True,
-                        pooled_dim=1280)
-TINY_SPEC = tm.UNetSpec((128, 256, 512), 2, (0, 1, 2), (0, 1, 2), 2, 512, head_channels=64, linear_proj=True,
-                        pooled_dim=256)
-SMOKE_SPEC = tm.UNetSpec((32, 64), 2, (0, 2), (0, 2), 2, 32, head_channels=16, linear_proj=True, pooled_dim=32)
+from benchmarks.bench_step import SDXL_SPEC, SMOKE_SPEC, TINY_SPEC  # noqa: E402  (the step benchmark's shapes)
+
 MODES = {"tiny": dict(spec=TINY_SPEC, device="cpu", dtype="float32", latent=32, rank=16, steps=8),
          "sdxl": dict(spec=SDXL_SPEC, device="cuda", dtype="bfloat16", latent=128, rank=64, steps=10)}
 TRAINERS = ("tlora_all_linears", "tlora_attention", "comfy_lora")
@@ -84,7 +80,7 @@ def worker(args) -> dict:
     spec = mode["spec"]
     cond = [[torch.randn(1, 77, spec.context_dim, generator=g), {"pooled_output": torch.randn(1, spec.pooled_dim,
                                                                                                 generator=g)}]]
-    rank, steps = mode["rank"], mode["steps"]
+    rank, steps = args.rank or mode["rank"], mode["steps"]
     times = []
     with tempfile.TemporaryDirectory() as d:
         os.environ["TLORA_CACHE_DIR"] = os.path.join(d, "svd")
@@ -139,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sdxl", action="store_true")
     ap.add_argument("--tiny-shape", action="store_true")
     ap.add_argument("--device")
+    ap.add_argument("--rank", type=int, help="override the mode's rank")
     ap.add_argument("--trainer", choices=TRAINERS)
     args = ap.parse_args(argv)
     args.mode = "sdxl" if args.sdxl else "tiny"
@@ -148,7 +145,8 @@ def main(argv=None) -> int:
     rows = {}
     for trainer in TRAINERS:
         cmd = [sys.executable, __file__, "--trainer", trainer, *(["--sdxl"] if args.sdxl else ["--tiny"]),
-               *(["--tiny-shape"] if args.tiny_shape else []), *(["--device", args.device] if args.device else [])]
+               *(["--tiny-shape"] if args.tiny_shape else []), *(["--device", args.device] if args.device else []),
+               *(["--rank", str(args.rank)] if args.rank else [])]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             rows[trainer] = {"error": res.stderr[-1500:]}

@@ -2,7 +2,9 @@
 # Every GPU benchmark in one command, each printing its JSON (with the GPU's name) into OUTDIR:
 #   bash benchmarks/gpu.sh [OUTDIR]          SDXL per step (bf16, 1024², rank 64, 700 layers), Flux-scale per step
 #                                            (12B-shaped, bf16, 1024², rank 64), load at SDXL shape, where the time goes
-#   bash benchmarks/gpu.sh --smoke [OUTDIR]  the same code paths on the CPU at a tiny size (~2 minutes)
+#                                            training step and peak memory (SDXL 1024², rank 64 and 32) against
+#                                            ComfyUI's TrainLoraNode, Dynamic VRAM on/off end to end on ComfyUI 0.33
+#   bash benchmarks/gpu.sh --smoke [OUTDIR]  the same code paths on the CPU at a tiny size (~4 minutes)
 # OUTDIR defaults to $OUT (the device machine's return folder) or benchmarks_out/. A failed benchmark is reported
 # with its log's tail and the others still run; the exit status says whether all passed.
 set -uo pipefail
@@ -18,12 +20,18 @@ if [ "$smoke" = 1 ]; then
   flux=(--hidden 256 --double 1 --single 2 --latent 16 --rank 8 --steps 3 --rounds 1 --device cpu --dtype bfloat16)
   load=(--layers 8 --device cpu)
   prof=(--sdxl --tiny-shape --device cpu --repeats 1 --parts rank_cost,ops,designs)
+  train64=(--sdxl --tiny-shape --device cpu)
+  train32=(--sdxl --tiny-shape --device cpu --rank 4)
+  dyn=(--cpu)
 else
   step=(--sdxl)
   flux=(--hidden 3072 --double 19 --single 38 --latent 128 --rank 64 --steps 25 --rounds 2 --device cuda
         --dtype bfloat16)
   load=(--device cuda)
   prof=(--sdxl --parts rank_cost,ops,designs)
+  train64=(--sdxl --rank 64)
+  train32=(--sdxl --rank 32)
+  dyn=()
 fi
 
 rc=0
@@ -44,4 +52,7 @@ run bench_step_sdxl benchmarks/bench_step.py "${step[@]}"
 run bench_step_flux benchmarks/bench_step_dit.py "${flux[@]}"
 run bench_load benchmarks/bench_load.py "${load[@]}"
 run profile_step benchmarks/profile_step.py "${prof[@]}"
+run bench_train_r64 benchmarks/bench_train.py "${train64[@]}"
+run bench_train_r32 benchmarks/bench_train.py "${train32[@]}"
+run bench_dynamic benchmarks/bench_dynamic.py "${dyn[@]}"
 exit $rc

@@ -59,7 +59,9 @@ def _check_settings(patcher, tl: TLoRA, s: Settings) -> str:
         raise TLoRAError(tl.path, f"bad schedule: {e}") from None
     try:
         require_api(patcher)
-        return timesteps.resolve(s.mode, patcher.get_model_object("model_sampling"))[1]
+        if s.min_rank == s.max_rank:  # every rank at every step: no timestep rule is needed
+            return "every rank at every step"
+        return timesteps.resolve(s.mode, patcher.get_model_object("model_sampling"), patcher.model)[1]
     except (ValueError, RuntimeError) as e:
         raise TLoRAError(tl.path, str(e)) from None
 

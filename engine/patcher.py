@@ -79,6 +79,9 @@ class RankState:
         return rule
 
     def ranks_for(self, sigma: torch.Tensor, model_sampling) -> tuple[list[float], list[int]]:
+        if self.min_rank >= self.max_rank:  # every rank at every step: no timestep needed (t reported as -1)
+            n = sigma.reshape(-1).shape[0]
+            return [-1.0] * n, [self.max_rank] * n
         rule = self._rule(model_sampling)
         key = tuple(sigma.detach().float().reshape(-1).tolist())
         hit = rule.memo.get(key)

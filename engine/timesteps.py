@@ -65,10 +65,31 @@ def sampling_name(model_sampling) -> str:
     return names[0] if names else type(model_sampling).__name__
 
 
-def resolve(mode: str, model_sampling) -> tuple[str, str]:
-    """(concrete mode DISCRETE / FLOW, description) for a node's timestep_mode on this model."""
+# Model classes whose known T-LoRA trainer feeds its mask something the flow rule would not reproduce: SimpleTuner
+# trains MiniMax H3 / Music 3 with t = 1 - sigma (in [0, 1]) against T = 1000, so int(t) is 0 and every rank is on at
+# every step. Refused in `auto` like an unknown sampling, with what to do.
+UNLIKE_FLOW = {"MiniMaxH3": "MiniMax H3", "MiniMaxMusic3": "MiniMax Music 3"}
+
+
+def check_model(mode: str, model) -> None:
+    """Refuse `auto` on model classes whose trainers do not follow the rule their sampling suggests."""
+    if mode != AUTO or model is None:
+        return
+    names = {c.__name__ for c in type(model).__mro__}
+    for cls, title in UNLIKE_FLOW.items():
+        if cls in names:
+            raise UnknownSampling(f"{title}: its T-LoRA trainer (SimpleTuner) feeds the rank mask t = 1 - sigma "
+                                  "against T = 1000, so every rank is active at every step: set schedule_source to "
+                                  "'all_ranks' to run such a file as it was trained, or timestep_mode to 'flow' for a "
+                                  "file trained with int(sigma * 1000)")
+
+
+def resolve(mode: str, model_sampling, model=None) -> tuple[str, str]:
+    """(concrete mode DISCRETE / FLOW, description) for a node's timestep_mode on this model (`model`: the BaseModel,
+    for the classes whose trainers are known not to follow their sampling)."""
     if mode not in MODES:
         raise ValueError(f"timestep_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_model(mode, model)
     kind = kind_of(model_sampling)
     name = sampling_name(model_sampling)
     if mode == schedule.FLOW:

@@ -55,13 +55,15 @@ def _selected(name: str, preset: str) -> bool:
 
 def trainable_targets(model: torch.nn.Module, preset: str) -> list[TrainTarget]:
     """Every Linear / 1x1-conv module of the diffusion model that the key maps name, selected by `preset`; one name
-    per target (where several spellings reach one layer, the shortest, then the first in order)."""
+    per target: where several spellings reach one layer, the first the key map holds (ComfyUI's own map comes first,
+    and lists a model's diffusers spelling before aliases it accepts for other models, e.g. Flux's `ff.net.0.proj`
+    before Flux 2's `ff.linear_in`)."""
     if preset not in PRESETS:
         raise ValueError(f"targets must be one of {', '.join(PRESETS)}, got {preset!r}")
     key_map = keymaps.model_key_map(model)
     sd = model.state_dict()
     found: dict[tuple, TrainTarget] = {}
-    for name in sorted(key_map, key=lambda n: (len(n), n)):
+    for name in key_map:
         if not name.startswith("lycoris_") or _TE.match(name) or not _selected(name, preset):
             continue
         key, rows, reorder = keymaps.split_hit(key_map[name])

@@ -342,6 +342,11 @@ class TrainingPatch:
     def load(self) -> None:
         """Load the clone fully, make its weights usable by autograd, checkpoint its blocks (inference mode off)."""
         comfy.model_management.load_models_gpu([self.clone], memory_required=1e20, force_full_load=True)
+        # ComfyUI (0.28+) picks autograd-friendly paths for fused kernels (rope, norms) while this is set, as its own
+        # trainer does; 0.3.75 has no such flag and no such kernels
+        self._in_training = getattr(comfy.model_management, "in_training", None)
+        if self._in_training is not None:
+            comfy.model_management.in_training = True
         dm = self.clone.model.diffusion_model
         replaced = deinference(dm)
         log.debug("Train T-LoRA: %d inference tensors replaced by normal copies", replaced)
@@ -353,6 +358,9 @@ class TrainingPatch:
             self._restore = _checkpoint_blocks(self.clone.model.diffusion_model, lambda: self.copies)
 
     def close(self) -> None:
+        if getattr(self, "_in_training", None) is not None:
+            comfy.model_management.in_training = self._in_training
+            self._in_training = None
         _uncheckpoint(self._restore)
         self._restore = []
         for p, flag in self._frozen:
@@ -501,7 +509,7 @@ def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainS
                               "latent")
     require_api(patcher)
     try:
-        return timesteps.resolve(s.timestep_mode, patcher.get_model_object("model_sampling"))[1]
+        return timesteps.resolve(s.timestep_mode, patcher.get_model_object("model_sampling"), patcher.model)[1]
     except ValueError as e:
         raise TLoRAError(out, str(e)) from None
 

@@ -93,3 +93,14 @@ export function setWidget(node, w, value) {
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
 
+
+// Chain, never replace, a widget's callback.
+export function chainCallback(w, fn) {
+  if (!w) return;
+  const prev = w.callback;
+  w.callback = function (...args) {
+    const r = prev?.apply(this, args);
+    fn();
+    return r;
+  };
+}

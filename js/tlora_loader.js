@@ -8,7 +8,7 @@
 // All of the node's state lives in one object, `node.tlora`.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { graphWidget, setWidget } from "./tlora_graph.js";
+import { chainCallback as onChange, graphWidget, setWidget } from "./tlora_graph.js";
 import { resolveSchedule, scheduleRanks } from "./tlora_schedule.js";
 
 const NODE = "TLoRALoader";
@@ -19,17 +19,6 @@ function widget(node, name) {
 
 function state(node) {
   return (node.tlora ??= { info: null, runError: null, ticket: 0, edits: 0, schedule: null });
-}
-
-// Chain, never replace, a widget's callback.
-function onChange(w, fn) {
-  if (!w) return;
-  const prev = w.callback;
-  w.callback = function (...args) {
-    const r = prev?.apply(this, args);
-    fn();
-    return r;
-  };
 }
 
 // The schedule the node will run (tlora_schedule.js `resolveSchedule`, the port of the server's rule).

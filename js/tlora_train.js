@@ -3,7 +3,7 @@
 // The presets come from the server (/tlora/train_presets), where they are defined.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { graphWidget, setWidget } from "./tlora_graph.js";
+import { chainCallback as chain, graphWidget, setWidget } from "./tlora_graph.js";
 import { scheduleRanks } from "./tlora_schedule.js";
 
 const NODE = "TLoRATrain";
@@ -48,16 +48,6 @@ async function applyPreset(node) {
     if (w) setWidget(node, w, value);
   }
   refresh(node);
-}
-
-function chain(w, fn) {
-  if (!w) return;
-  const prev = w.callback;
-  w.callback = function (...args) {
-    const r = prev?.apply(this, args);
-    fn();
-    return r;
-  };
 }
 
 app.registerExtension({

@@ -418,19 +418,10 @@ def fast_lycoris():
         torch.set_num_threads(threads)
 
 
-def write_lycoris_tlora(model: torch.nn.Module, path, rank: int, alpha: float, targets=UNET_TARGETS,
-                        seed: int = 0, metadata: dict[str, str] | None = None, strength: float = 0.3):
-    """Write a LyCORIS `tlora` file the way SimpleTuner does and return the applied network.
-
-    `LycorisNetwork.apply_preset({"target_module": targets})` + `create_lycoris(model, 1.0,
-    linear_dim=rank, linear_alpha=alpha, algo="tlora")` + `apply_to()`; then the trained factors
-    (q_layer, p_layer, lambda_layer) are moved off their SVD init by seeded noise of relative size
-    `strength` (the frozen base stays the SVD init, so the delta is non-zero) and
-    `save_weights(path, torch.float32, metadata)`. Module names are `lycoris_<diffusers path, '.' -> '_'>`.
-
-    The returned network stays applied to `model` (so `model` is the reference forward): set the rank
-    mask with `lycoris.modules.tlora.set_timestep_mask(compute_timestep_mask(t, 1000, R, Rmin, a))`,
-    call `network.restore()` to detach it. The LyCORIS class-level preset is restored afterwards."""
+def lycoris_network(model: torch.nn.Module, rank: int, alpha: float, targets=UNET_TARGETS):
+    """LyCORIS' own `tlora` network on `model`, made the way SimpleTuner makes it and applied:
+    `LycorisNetwork.apply_preset({"target_module": targets})` + `create_lycoris(model, 1.0, linear_dim=rank,
+    linear_alpha=alpha, algo="tlora")` + `apply_to()`. LyCORIS' class-level preset is restored afterwards."""
     from lycoris import LycorisNetwork, create_lycoris
 
     keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
@@ -444,6 +435,23 @@ def write_lycoris_tlora(model: torch.nn.Module, path, rank: int, alpha: float, t
         for k, v in saved.items():
             setattr(LycorisNetwork, k, v)
     net.apply_to()
+    return net
+
+
+def write_lycoris_tlora(model: torch.nn.Module, path, rank: int, alpha: float, targets=UNET_TARGETS,
+                        seed: int = 0, metadata: dict[str, str] | None = None, strength: float = 0.3):
+    """Write a LyCORIS `tlora` file the way SimpleTuner does and return the applied network.
+
+    `LycorisNetwork.apply_preset({"target_module": targets})` + `create_lycoris(model, 1.0,
+    linear_dim=rank, linear_alpha=alpha, algo="tlora")` + `apply_to()`; then the trained factors
+    (q_layer, p_layer, lambda_layer) are moved off their SVD init by seeded noise of relative size
+    `strength` (the frozen base stays the SVD init, so the delta is non-zero) and
+    `save_weights(path, torch.float32, metadata)`. Module names are `lycoris_<diffusers path, '.' -> '_'>`.
+
+    The returned network stays applied to `model` (so `model` is the reference forward): set the rank
+    mask with `lycoris.modules.tlora.set_timestep_mask(compute_timestep_mask(t, 1000, R, Rmin, a))`,
+    call `network.restore()` to detach it. The LyCORIS class-level preset is restored afterwards."""
+    net = lycoris_network(model, rank, alpha, targets)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for lora in net.loras:

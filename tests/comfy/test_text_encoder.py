@@ -41,23 +41,12 @@ def comfy_clip(state_dict: dict, dtype: torch.dtype = torch.float32):
 
 def test_text_encoder_modules_apply_at_full_rank_through_the_clip_input(pack, tmp_path):
     import folder_paths
-    from lycoris import LycorisNetwork, create_lycoris
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     te = tm.fill_random_(CLIPTextModel(CLIPTextConfig(**CONFIG)), 3)
     clip = comfy_clip(te.state_dict())
-    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
-            "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
-    saved = {k: getattr(LycorisNetwork, k) for k in keys}
-    try:
-        LycorisNetwork.apply_preset({"target_module": ["CLIPAttention", "CLIPMLP"]})
-        with tm.fast_lycoris():
-            net = create_lycoris(te, 1.0, linear_dim=RANK, linear_alpha=RANK, algo="tlora")
-    finally:
-        for k, v in saved.items():
-            setattr(LycorisNetwork, k, v)
-    net.apply_to()
+    net = tm.lycoris_network(te, RANK, RANK, ["CLIPAttention", "CLIPMLP"])
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for lora in net.loras:  # "training": the factors move off their SVD init
@@ -100,20 +89,9 @@ def test_text_encoder_modules_apply_at_full_rank_through_the_clip_input(pack, tm
 
 def _te_file(pack, te, folder, seed=1):
     """A kohya-style LyCORIS T-LoRA with text-encoder modules only, written by LyCORIS on `te`."""
-    from lycoris import LycorisNetwork, create_lycoris
     from safetensors.torch import load_file, save_file
 
-    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
-            "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
-    saved = {k: getattr(LycorisNetwork, k) for k in keys}
-    try:
-        LycorisNetwork.apply_preset({"target_module": ["CLIPAttention", "CLIPMLP"]})
-        with tm.fast_lycoris():
-            net = create_lycoris(te, 1.0, linear_dim=RANK, linear_alpha=RANK, algo="tlora")
-    finally:
-        for k, v in saved.items():
-            setattr(LycorisNetwork, k, v)
-    net.apply_to()
+    net = tm.lycoris_network(te, RANK, RANK, ["CLIPAttention", "CLIPMLP"])
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
         for lora in net.loras:

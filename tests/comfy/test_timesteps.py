@@ -126,3 +126,23 @@ def test_discrete_mode_on_a_flow_model_is_a_clear_error(pack, tlora):
     flux = FAMILIES["flux"].build(0).patcher
     with pytest.raises(pack.tlora_core.TLoRAError, match="discrete"):
         ranks(pack, flux, tlora, [0.5], mode="discrete")
+
+
+def test_minimax_t_loras_are_refused_in_auto_with_what_to_do(pack, sdxl, tlora):
+    """SimpleTuner trains MiniMax H3 / Music 3 T-LoRAs with t = 1 - sigma against T = 1000 (every rank at every
+    step): `auto` refuses them, naming the fix; `all_ranks` (min_rank = max_rank) runs them as trained."""
+    original = type(sdxl.model)
+
+    class MiniMaxH3(original):  # stands for ComfyUI 0.33's MiniMaxH3 model class, matched by name
+        pass
+
+    model = sdxl.clone()
+    model.model.__class__ = MiniMaxH3
+    try:
+        with pytest.raises(pack.tlora_core.TLoRAError, match="t = 1 - sigma.*all_ranks"):
+            ranks(pack, model, tlora, [0.5])
+        apply = pack.engine.apply
+        clone, app = apply.apply_tlora(model, tlora, apply.Settings(1.0, R, R, 1.0))
+        assert app.state.ranks_for(torch.tensor([14.6, 0.03]), model.model.model_sampling)[1] == [R, R]
+    finally:
+        model.model.__class__ = original

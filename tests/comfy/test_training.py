@@ -28,20 +28,7 @@ def in_double(call: Call) -> Call:
 
 def _lycoris(model: torch.nn.Module, targets):
     """LyCORIS' own T-LoRA network on the diffusers twin with the family's class preset (applied, not saved)."""
-    from lycoris import LycorisNetwork, create_lycoris
-
-    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
-            "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
-    saved = {k: getattr(LycorisNetwork, k) for k in keys}
-    try:
-        LycorisNetwork.apply_preset({"target_module": list(targets)})
-        with tm.fast_lycoris():
-            net = create_lycoris(model, 1.0, linear_dim=R, linear_alpha=LINEAR_ALPHA, algo="tlora")
-    finally:
-        for k, v in saved.items():
-            setattr(LycorisNetwork, k, v)
-    net.apply_to()
-    return net
+    return tm.lycoris_network(model, R, LINEAR_ALPHA, targets)
 
 
 def _modules(pack, patcher, targets, seed: int):

@@ -67,12 +67,13 @@ class ComfyServer:
     """A ComfyUI process on a free loopback port. Use as a context manager."""
 
     def __init__(self, base_dir: Path, models: dict[str, list[Path]] | None = None, env: dict | None = None,
-                 extra_args: list[str] | None = None, startup_timeout: float = 120):
+                 extra_args: list[str] | None = None, startup_timeout: float = 120, gpu: bool = False):
         self.base = Path(base_dir)
         self.models = models or {}
         self.env = env or {}
         self.extra_args = extra_args or []
         self.startup_timeout = startup_timeout
+        self.gpu = gpu  # False: --cpu (tests); True: ComfyUI picks its device and memory mode (benchmarks on a GPU)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -103,7 +104,8 @@ class ComfyServer:
     def start(self) -> ComfyServer:
         self._layout()
         comfy = comfy_path()
-        cmd = [venv_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [venv_python(), "main.py", *([] if self.gpu else ["--cpu"]), "--listen", "127.0.0.1", "--port",
+               str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         web = frontend_root(comfy)
