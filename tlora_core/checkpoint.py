@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
 from contextlib import ExitStack
 
 import torch
@@ -58,9 +57,6 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
-
-    def names(self) -> Iterator[str]:
-        return iter(self._where)
 
     def weight(self, name: str) -> torch.Tensor:
         handle, key = self._where[name]
