@@ -6,7 +6,8 @@ Each mutant replaces one exact snippet of the pack's source in a scratch copy of
 never edited; the run fails if the snippet is not found, so the list follows the code), runs the tests that should
 notice there (in-process tiers on the first host, stopping at the first failure), and counts it killed only when a
 test fails (pytest exit 1): a collection error or a crash is reported as such, never as a kill. Prints one line per
-mutant and the totals; writes test_artifacts/mutation.json. Takes ~7 minutes on 2 cores.
+mutant and the totals; writes test_artifacts/mutation.json. The unmutated copy must pass every selection first.
+Takes ~7 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ MUTANTS = (
 
 def scratch_copy() -> Path:
     """The tracked files in a temporary folder, with the checkout's environment (.venv, .host, .cache) linked in."""
-    work = Path(tempfile.mkdtemp(prefix="tlora-mutate-"))
+    work = Path(tempfile.mkdtemp(prefix="tlora_mutate_"))  # a valid package name: the pack's root is a package
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     for rel in filter(None, tracked.decode().split("\0")):
         if (ROOT / rel).is_file():
@@ -115,7 +116,10 @@ def run(m: Mutant, work: Path) -> tuple[str, float]:
                                                                                                    "tiny")})
     finally:
         path.write_text(source)
-    outcome = {0: "SURVIVED", 1: "killed"}.get(res.returncode, f"ERROR {res.returncode}")
+    summary = (res.stdout.strip().splitlines() or [""])[-1]
+    # a kill is a test that failed; an error (collection, fixture) or a crash is not one
+    failed = res.returncode == 1 and " failed" in summary and " error" not in summary
+    outcome = "SURVIVED" if res.returncode == 0 else "killed" if failed else f"ERROR {res.returncode}"
     if outcome.startswith("ERROR"):
         print(res.stdout[-2000:] + res.stderr[-2000:], file=sys.stderr)
     return outcome, time.perf_counter() - t0
@@ -125,6 +129,14 @@ def main() -> int:
     results = []
     work = scratch_copy()
     try:
+        # the unmutated copy must pass every selection, or a "kill" could be the copy's own failure
+        for tests in sorted({m.tests for m in MUTANTS}):
+            res = subprocess.run([PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=work,
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "TLORA_TINY_DIR": str(ROOT / ".cache" / "tiny")})
+            if res.returncode != 0:
+                print(res.stdout[-3000:] + res.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"the unmutated copy fails {' '.join(tests)}: fix that first")
         for m in MUTANTS:
             outcome, secs = run(m, work)
             results.append({"mutant": m.name, "file": m.path, "outcome": outcome, "killed": outcome == "killed",
