@@ -23,7 +23,7 @@ import comfy.utils
 import torch
 
 from ..tlora_core import schedule
-from ..tlora_core.slot import ActiveRank, LayerSlot
+from ..tlora_core.slot import ActiveRank, LayerSlot, rank_mask
 from . import timesteps
 
 log = logging.getLogger("tlora.patcher")
@@ -63,6 +63,7 @@ class RankState:
         self.integer_t = integer_t
         self.width = max_rank  # ranks the call's mask spans: the largest adapter rank (may exceed a max_rank override)
         self.active = ActiveRank()
+        self._masks: dict[tuple, torch.Tensor] = {}
         # per sampling object (held weakly: a freed object's id can never hand its rule to a new one)
         self._rules: weakref.WeakKeyDictionary[Any, _Rule] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -91,6 +92,16 @@ class RankState:
             if len(rule.memo) > 4096:
                 rule.memo.clear()
             rule.memo[key] = hit
+        return hit
+
+    def mask(self, ranks: list[int], device: torch.device) -> torch.Tensor:
+        """The call's rank mask for compiled models, made once per (ranks, device): no copy to the device per call."""
+        key = (tuple(ranks), device)
+        hit = self._masks.get(key)
+        if hit is None:
+            if len(self._masks) > 256:
+                self._masks.clear()
+            hit = self._masks[key] = rank_mask(ranks, self.width, device)
         return hit
 
     def write_trace(self, sigma: torch.Tensor, ts: list[float], ranks: list[int]) -> None:
@@ -177,7 +188,7 @@ class TLoRAApplication:
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
         st = self.state
         ts, ranks = st.ranks_for(t, executor.class_obj.model_sampling)
-        prev = st.active.set(ranks, st.width, x.device)
+        prev = st.active.set(ranks, st.mask(ranks, x.device))
         if st.trace_path:
             st.write_trace(t, ts, ranks)
         try:

@@ -34,6 +34,7 @@ import torch
 from ..tlora_core import TLoRAError, load_tlora, schedule
 from ..tlora_core.digest import weight_digest
 from ..tlora_core.embed import source_record
+from ..tlora_core.slot import rank_mask
 from ..tlora_core.svd import compute_base_triplets, default_workers
 from ..tlora_core.training import (
     LOGIT_NORMAL,
@@ -43,7 +44,6 @@ from ..tlora_core.training import (
     draw_flow_u,
     loss_weight,
     lycoris_config,
-    rank_mask,
     write_trained,
 )
 from . import bases, timesteps

@@ -28,16 +28,21 @@ class ActiveRank(threading.local):
     sample_ranks: list[int] | None = None
     mask: torch.Tensor | None = None
 
-    def set(self, ranks: list[int], max_rank: int, device: torch.device) -> Saved:
-        """Publish one call's per-item ranks; returns what to `restore` afterwards."""
+    def set(self, ranks: list[int], mask: torch.Tensor) -> Saved:
+        """Publish one call's per-item ranks (and the same as a mask, see `rank_mask`); returns what to `restore`."""
         prev = self.rank, self.sample_ranks, self.mask
         self.rank = max(ranks)
         self.sample_ranks = None if len(set(ranks)) == 1 else ranks
-        self.mask = (torch.arange(max_rank).unsqueeze(0) < torch.tensor(ranks).unsqueeze(1)).float().to(device)
+        self.mask = mask
         return prev
 
     def restore(self, prev: Saved) -> None:
         self.rank, self.sample_ranks, self.mask = prev
+
+
+def rank_mask(ranks: list[int], width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(items, width) 0/1: the first `ranks[i]` ranks of item i."""
+    return (torch.arange(width)[None, :] < torch.tensor(ranks)[:, None]).float().to(device)
 
 
 class FactorStore(torch.nn.Module):

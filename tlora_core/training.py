@@ -103,11 +103,6 @@ class TrainableTLoRA(torch.nn.Module):
                              base_down=self.q0.clone(), base_lam=self.lam0.clone(), svd_base=True, conv=self.conv)
 
 
-def rank_mask(ranks: list[int], width: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(items, width) 0/1: the first `ranks[i]` ranks of item i."""
-    return (torch.arange(width)[None, :] < torch.tensor(ranks)[:, None]).float().to(device)
-
-
 def draw_flow_u(generator: torch.Generator, n: int, how: str = LOGIT_NORMAL, eps: float = 1e-4) -> torch.Tensor:
     """Noise fractions in (0, 1) for flow models: sigmoid(N(0, 1)) (SimpleTuner's default) or uniform; the model's
     own shift turns them into sigmas."""

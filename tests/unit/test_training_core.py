@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from tlora_core import load_tlora
+from tlora_core.slot import rank_mask
 from tlora_core.svd import top_singular
 from tlora_core.training import (
     TrainableTLoRA,
     draw_discrete_t,
     draw_flow_u,
     lycoris_config,
-    rank_mask,
     write_trained,
 )
 
