@@ -29,10 +29,13 @@ log = logging.getLogger("tlora.apply")
 
 
 def _conv_args(module) -> dict | None:
-    if isinstance(module, torch.nn.Conv2d):
-        return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
-                "groups": module.groups}
-    return None
+    """The 1x1 factors' conv arguments on a conv layer: its own for a 1x1 conv; on a k x k conv (factors that run
+    at the tap of index `padding`) its stride, with no padding, as the trainers that write such files run them."""
+    if not isinstance(module, torch.nn.Conv2d):
+        return None
+    if any(k != 1 for k in module.kernel_size):
+        return {"stride": module.stride, "padding": 0, "dilation": 1, "groups": 1}
+    return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
 
 
 def compute_dtype(patcher) -> torch.dtype:
@@ -73,7 +76,8 @@ def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None):
     p = plan(patcher, tl)
     device = comfy.model_management.get_torch_device()
     prepared = bases.prepare(patcher, tl, p.targets, file_key(tl.path), svd_cache(), device, progress)
-    state = RankState(name, settings.max_rank, settings.min_rank, settings.alpha, settings.mode, tl.integer_timestep)
+    state = RankState(name, settings.max_rank, settings.min_rank, settings.alpha, settings.mode, tl.integer_timestep,
+                      tl.curve)
     state.width = max(settings.max_rank, tl.rank)
     # this application's own factors, in the model's compute dtype, on the offload device until ComfyUI loads them
     # with the model (they are counted by its memory planner as an additional model of the clone)
@@ -86,9 +90,9 @@ def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None):
     app = TLoRAApplication(state, bindings, store)
     clone = patcher.clone()
     app.attach(clone)
-    log.info("T-LoRA %s: %s; matched %d, unmatched %d, skipped %d; schedule max_rank=%d min_rank=%d alpha=%g; "
-             "timesteps: %s", name, tl.format, len(p.targets), len(p.unmatched), len(tl.skipped) + len(p.skipped),
-             settings.max_rank, settings.min_rank, settings.alpha, how)
+    log.info("T-LoRA %s: %s written by %s; matched %d, unmatched %d, skipped %d; schedule max_rank=%d min_rank=%d "
+             "alpha=%g curve=%s; timesteps: %s", name, tl.format, tl.writer.title, len(p.targets), len(p.unmatched),
+             len(tl.skipped) + len(p.skipped), settings.max_rank, settings.min_rank, settings.alpha, tl.curve, how)
     if p.unmatched:
         log.warning("T-LoRA %s: %d modules not found in the model, e.g. %s", name, len(p.unmatched),
                     ", ".join(p.unmatched[:3]))

@@ -166,7 +166,8 @@ def _fit_check(tl: TLoRA, targets: list[LayerTarget], weights: dict[str, LayerWe
                for t in targets[::step][:FIT_LAYERS]]
     figure = statistics.median(figures)
     name = os.path.basename(tl.path)
-    source = (tl.stored_base or {}).get("checkpoint", "an unnamed checkpoint")
+    source = (tl.stored_base or {}).get("checkpoint", "an unnamed checkpoint") if tl.writer.id == "self_contained" \
+        else f"stored by its trainer, {tl.writer.title}"
     notes = [(logging.INFO, f"T-LoRA {name}: stored SVD base (from {source}); residual on this checkpoint "
                             f"{figure:.3f} over {len(figures)} layers")]
     warning = diagnostics.fit_message(name, figure, len(figures))
@@ -178,7 +179,7 @@ def prepare(patcher, tl: TLoRA, targets: list[LayerTarget], file_key: tuple, cac
     """The adapter of every target with its base (rows in the layer's order), and the notes on how it was
     obtained. Memoised on `patcher.model`."""
     rebuild = [t for t in targets if t.adapter.needs_svd_base]
-    stored = [t for t in targets if t.adapter.svd_base and not t.adapter.needs_svd_base]
+    stored = [t for t in targets if t.adapter.svd_base and not t.adapter.needs_svd_base and not t.adapter.tap]
     weights = layer_weights(patcher, tl, rebuild + stored)
     layout = tuple((t.adapter.name, t.key, t.out_slice, getattr(t.reorder, "__name__", None)) for t in targets)
     key = (file_key, layout, tuple(sorted((k, w.quick_key) for k, w in weights.items())))

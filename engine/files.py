@@ -24,11 +24,12 @@ FILE_CACHE_SIZE = 4
 
 class FileKey(NamedTuple):
     """Identity of a T-LoRA file as read: (realpath, size, mtime_ns) of it and of each sidecar, and the vanilla
-    switch (which changes how a standard layout is read)."""
+    switch and standard layout (which change how a standard layout is read)."""
 
     path: str
     stats: tuple[tuple[str, int, int], ...]
     assume_vanilla: bool
+    standard_layout: str = "auto"
 
 
 files: LockedLRU[FileKey, TLoRA] = LockedLRU(FILE_CACHE_SIZE)
@@ -47,26 +48,26 @@ def lora_path(lora_name: str) -> str:
     return path
 
 
-def file_key(path: str, assume_vanilla: bool = False) -> FileKey:
+def file_key(path: str, assume_vanilla: bool = False, standard_layout: str = "auto") -> FileKey:
     stats = []
     for p in (path, *sidecars(path)):
         st = os.stat(p)
         stats.append((os.path.realpath(p), st.st_size, st.st_mtime_ns))
-    return FileKey(os.path.realpath(path), tuple(stats), bool(assume_vanilla))
+    return FileKey(os.path.realpath(path), tuple(stats), bool(assume_vanilla), standard_layout)
 
 
-def read_file(path: str, assume_vanilla: bool = False) -> TLoRA:
+def read_file(path: str, assume_vanilla: bool = False, standard_layout: str = "auto") -> TLoRA:
     """load_tlora through the in-process cache."""
     try:
-        key = file_key(path, assume_vanilla)
-    except OSError:
-        return load_tlora(path, assume_vanilla=assume_vanilla)  # gives the file's own "not found" error
+        key = file_key(path, assume_vanilla, standard_layout)
+    except OSError:  # gives the file's own "not found" error
+        return load_tlora(path, assume_vanilla=assume_vanilla, standard_layout=standard_layout)
     hit = files.get(key)
     if hit is not None:
         return hit
-    tl = load_tlora(path, assume_vanilla=assume_vanilla)
+    tl = load_tlora(path, assume_vanilla=assume_vanilla, standard_layout=standard_layout)
     try:
-        unchanged = file_key(path, assume_vanilla) == key
+        unchanged = file_key(path, assume_vanilla, standard_layout) == key
     except OSError:
         unchanged = False
     if unchanged:  # a file rewritten while it was read is never cached under either key
@@ -74,9 +75,9 @@ def read_file(path: str, assume_vanilla: bool = False) -> TLoRA:
     return tl
 
 
-def describe_lora(lora_name: str, assume_vanilla: bool = False) -> dict:
+def describe_lora(lora_name: str, assume_vanilla: bool = False, standard_layout: str = "auto") -> dict:
     """What `/tlora/info` answers for a file in the loras folders: header only, nothing kept."""
-    return {"lora_name": lora_name, **describe(lora_path(lora_name), assume_vanilla)}
+    return {"lora_name": lora_name, **describe(lora_path(lora_name), assume_vanilla, standard_layout=standard_layout)}
 
 
 def svd_cache() -> SVDCache:

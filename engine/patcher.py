@@ -57,10 +57,13 @@ class _Rule:
 class RankState:
     """The schedule of one T-LoRA application, and the rank of the model call in progress on each thread."""
 
-    def __init__(self, name: str, max_rank: int, min_rank: int, alpha: float, mode: str, integer_t: bool = True):
+    def __init__(self, name: str, max_rank: int, min_rank: int, alpha: float, mode: str, integer_t: bool = True,
+                 curve: str = schedule.POWER):
         schedule.validate(max_rank, min_rank, alpha)
+        if curve not in schedule.CURVES:
+            raise ValueError(f"curve must be one of {', '.join(schedule.CURVES)}, got {curve!r}")
         self.name, self.max_rank, self.min_rank, self.alpha, self.mode = name, max_rank, min_rank, alpha, mode
-        self.integer_t = integer_t
+        self.integer_t, self.curve = integer_t, curve
         self.width = max_rank  # ranks the call's mask spans: the largest adapter rank (may exceed a max_rank override)
         self.active = ActiveRank()
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -88,7 +91,8 @@ class RankState:
         hit = rule.memo.get(key)
         if hit is None:
             ts = rule.fn(sigma)
-            hit = ts, [schedule.active_rank(t, self.max_rank, self.min_rank, self.alpha) for t in ts]
+            hit = ts, [schedule.active_rank(t, self.max_rank, self.min_rank, self.alpha, curve=self.curve)
+                       for t in ts]
             if len(rule.memo) > 4096:
                 rule.memo.clear()
             rule.memo[key] = hit
@@ -107,7 +111,7 @@ class RankState:
     def write_trace(self, sigma: torch.Tensor, ts: list[float], ranks: list[int]) -> None:
         line = json.dumps({"lora": self.name, "sigma": sigma.detach().float().reshape(-1).tolist(),
                            "t": ts, "rank": ranks, "max_rank": self.max_rank, "min_rank": self.min_rank,
-                           "alpha": self.alpha})
+                           "alpha": self.alpha, "curve": self.curve})
         assert self.trace_path is not None
         with _trace_lock, open(self.trace_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")

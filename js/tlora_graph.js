@@ -20,7 +20,7 @@ export function wrap(ctx, text, width) {
   return lines;
 }
 
-// s: { ranks (per integer t, or null), maxRank, alpha, error }; `loud`: the error comes from the server (red).
+// s: { ranks (per integer t, or null), maxRank, alpha, error, note }; `loud`: the error comes from the server (red).
 export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
   const pad = 10;
   const x0 = pad, x1 = width - pad, y0 = y + 4, y1 = y + GRAPH_HEIGHT - 14;
@@ -56,6 +56,10 @@ export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
   if (s.error) {
     ctx.fillStyle = "#f87171";
     const lines = wrap(ctx, s.error, x1 - x0 - 12).slice(0, 5);
+    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 26 + 13 * i));
+  } else if (s.note) {  // who wrote the file, and what was assumed for it
+    ctx.fillStyle = "#999";
+    const lines = wrap(ctx, s.note, x1 - x0 - 12).slice(0, 3);
     lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 26 + 13 * i));
   }
   ctx.restore();

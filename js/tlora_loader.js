@@ -50,13 +50,15 @@ function refresh(node) {
   if (sch.error) error = error ?? (sch.error === "no file rank" ? "select a T-LoRA file (or set max_rank)" : sch.error);
   else {
     try {
-      ranks = scheduleRanks(sch.maxRank, Math.min(sch.minRank, sch.maxRank), sch.alpha);
+      ranks = scheduleRanks(sch.maxRank, Math.min(sch.minRank, sch.maxRank), sch.alpha, s.info?.curve ?? "power");
       if (sch.minRank > sch.maxRank) error = error ?? `min_rank ${sch.minRank} > max_rank ${sch.maxRank}`;
     } catch (e) {
       error = error ?? e.message;
     }
   }
-  s.schedule = { maxRank: sch.maxRank ?? null, minRank: sch.minRank ?? null, alpha: sch.alpha ?? null, ranks, error };
+  const w = s.info?.writer;
+  const note = w ? `${w.title}${w.assumed ? `: ${w.assumed}` : ""}` : null;
+  s.schedule = { maxRank: sch.maxRank ?? null, minRank: sch.minRank ?? null, alpha: sch.alpha ?? null, ranks, error, note };
   node.setDirtyCanvas(true, true);
 }
 
@@ -82,8 +84,11 @@ async function fetchInfo(node, prefill = false) {
   if (name) {
     try {
       const vanilla = widget(node, "vanilla_tlora")?.value ? "true" : "false";
+      const layout = encodeURIComponent(widget(node, "standard_layout")?.value ?? "auto");
       info = await readReply(
-        await api.fetchApi(`/tlora/info?lora_name=${encodeURIComponent(name)}&vanilla_tlora=${vanilla}`),
+        await api.fetchApi(
+          `/tlora/info?lora_name=${encodeURIComponent(name)}&vanilla_tlora=${vanilla}&standard_layout=${layout}`,
+        ),
       );
     } catch (e) {
       info = { error: String(e) };
@@ -166,7 +171,7 @@ app.registerExtension({
       prefillFromFile(node);
       refresh(node);
     });
-    for (const name of ["lora_name", "vanilla_tlora"]) {
+    for (const name of ["lora_name", "vanilla_tlora", "standard_layout"]) {
       onChange(widget(node, name), () => fetchInfo(node, true));
     }
     // opening a saved workflow restores the widgets after creation: show that file, change nothing

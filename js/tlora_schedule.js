@@ -1,23 +1,29 @@
 // Port of tlora_core/schedule.py `active_rank` (tests run both on one table of values).
-// r = int(((T - t) / T) ** alpha * (R - Rmin)) + Rmin, clamped to R, T = 1000.
+// power: r = int(((T - t) / T) ** alpha * (R - Rmin)) + Rmin, clamped to R, T = 1000; power_ceil and cosine are
+// the curves of the trainers that shape it their own way (tlora_core/writers.py).
 
 export const MAX_TIMESTEP = 1000;
 
-export function activeRank(t, maxRank, minRank = 1, alpha = 1.0, maxTimestep = MAX_TIMESTEP) {
+export function activeRank(t, maxRank, minRank = 1, alpha = 1.0, maxTimestep = MAX_TIMESTEP, curve = "power") {
   if (!Number.isInteger(maxRank) || maxRank < 1) throw new RangeError(`max_rank must be >= 1, got ${maxRank}`);
   if (!Number.isInteger(minRank) || minRank < 1 || minRank > maxRank)
     throw new RangeError(`min_rank must be in [1, ${maxRank}], got ${minRank}`);
   if (!(alpha > 0) || !Number.isFinite(alpha)) throw new RangeError(`alpha must be > 0, got ${alpha}`);
   if (!(t >= 0 && t <= maxTimestep)) throw new RangeError(`timestep must be in [0, ${maxTimestep}], got ${t}`);
-  // Math.trunc == Python int() for the non-negative values this produces
-  const r = Math.trunc(Math.pow((maxTimestep - t) / maxTimestep, alpha) * (maxRank - minRank)) + minRank;
-  return Math.min(r, maxRank);
+  const p = (maxTimestep - t) / maxTimestep;
+  let r;
+  // Math.trunc == Python int() for the non-negative values these produce
+  if (curve === "power") r = Math.trunc(Math.pow(p, alpha) * (maxRank - minRank)) + minRank;
+  else if (curve === "power_ceil") r = Math.ceil(Math.pow(p, alpha) * (maxRank - minRank) + minRank);
+  else if (curve === "cosine") r = minRank + Math.trunc((0.5 - 0.5 * Math.cos(Math.PI * p)) * (maxRank - minRank));
+  else throw new RangeError(`curve must be one of power, power_ceil, cosine, got ${curve}`);
+  return Math.min(Math.max(r, minRank), maxRank);
 }
 
 // Active rank for every integer timestep 0..999.
-export function scheduleRanks(maxRank, minRank = 1, alpha = 1.0) {
+export function scheduleRanks(maxRank, minRank = 1, alpha = 1.0, curve = "power") {
   const out = new Array(MAX_TIMESTEP);
-  for (let t = 0; t < MAX_TIMESTEP; t++) out[t] = activeRank(t, maxRank, minRank, alpha);
+  for (let t = 0; t < MAX_TIMESTEP; t++) out[t] = activeRank(t, maxRank, minRank, alpha, MAX_TIMESTEP, curve);
   return out;
 }
 

@@ -11,6 +11,7 @@ from ..engine import Settings, apply_text_encoder, apply_tlora, file_key, lora_p
 from ..engine.timesteps import AUTO, MODES
 from ..tlora_core import TLoRAError
 from ..tlora_core.recorded import SCHEDULE_SOURCES
+from ..tlora_core.writers import STANDARD_LAYOUTS
 from .common import progress_bar
 
 log = logging.getLogger("tlora.loader")
@@ -50,6 +51,11 @@ def _inputs() -> list:
                          tooltip="Accept a standard LoRA layout (kohya lora_down/lora_up, PEFT lora_A/B) "
                                  "as a vanilla T-LoRA. Needed only when the file's metadata does not "
                                  "say it is a T-LoRA."),
+        io.Combo.Input("standard_layout", options=list(STANDARD_LAYOUTS), default="auto",
+                       tooltip="How the ranks of a standard-layout T-LoRA switch on. auto: as the file's metadata "
+                               "says. ranks: one rank per index (a vanilla T-LoRA). pairs: LyCORIS' rank-2R tlora "
+                               "export (convert_tlora.py, or LyCORIS' save since its pull request 280), where rank i "
+                               "and rank R+i switch together; such files record nothing, so choose this for them."),
     ]
 
 
@@ -62,8 +68,9 @@ class TLoRALoader(io.ComfyNode):
             category="loaders/T-LoRA",
             description=("Loads a T-LoRA (timestep-dependent LoRA) and runs it the way it was trained: at every "
                          "sampler call only the first r(t) ranks are active, few at high noise, all at the end. "
-                         "Reads SimpleTuner/LyCORIS 'tlora' files, the official T-LoRA repo's files and vanilla "
-                         "T-LoRAs in standard LoRA layouts."),
+                         "Reads the files of SimpleTuner/LyCORIS, the official T-LoRA repo, sd-scripts forks "
+                         "(Enferlain, 67372a), LyCORIS' rank-2R export, AnimaLoraStudio, lora-scripts-next, and "
+                         "vanilla T-LoRAs in standard LoRA layouts, each with its trainer's schedule."),
             inputs=_inputs(),
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the T-LoRA and its rank schedule."),
@@ -72,20 +79,24 @@ class TLoRALoader(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, lora_name, vanilla_tlora=False, **kwargs):
+    def fingerprint_inputs(cls, lora_name, vanilla_tlora=False, standard_layout="auto", **kwargs):
         """The file and its sidecars as they are on disk now: an edited file or lycoris_config.json runs again."""
         try:
-            return (lora_name, file_key(folder_paths.get_full_path("loras", lora_name) or "", bool(vanilla_tlora)))
+            return (lora_name, file_key(folder_paths.get_full_path("loras", lora_name) or "", bool(vanilla_tlora),
+                                        standard_layout))
         except OSError:
             return lora_name
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, schedule_source, min_rank, alpha,
-                max_rank, timestep_mode, vanilla_tlora, clip=None) -> io.NodeOutput:
+                max_rank, timestep_mode, vanilla_tlora, standard_layout="auto", clip=None) -> io.NodeOutput:
         path = lora_path(lora_name)
-        tl = read_file(path, vanilla_tlora)
+        tl = read_file(path, vanilla_tlora, standard_layout)
         r, mr, al, why = resolve_schedule(tl, schedule_source, max_rank, min_rank, alpha)
-        log.info("T-LoRA %s: schedule %s", lora_name, why)
+        log.info("T-LoRA %s: written by %s%s; schedule %s", lora_name, tl.writer.title,
+                 f" ({tl.layout_why})" if tl.layout_why else "", why)
+        if tl.writer.assumed:
+            log.warning("T-LoRA %s: %s", lora_name, tl.writer.assumed)
         progress = progress_bar()
         if tl.modules:
             out_model, _ = apply_tlora(model, tl, Settings(strength_model, r, mr, al, timestep_mode), progress)

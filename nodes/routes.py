@@ -18,9 +18,10 @@ async def tlora_info(request: web.Request) -> web.Response:
     """JSON about one file in the loras folders, from its header alone; every error is a JSON `{"error": ...}`."""
     name = request.query.get("lora_name", "")
     vanilla = request.query.get("vanilla_tlora", "false").lower() == "true"
+    layout = request.query.get("standard_layout", "auto")
     try:
         # a .pt pickle is loaded to be described, and stat calls can block: off the server's event loop
-        body = await asyncio.get_running_loop().run_in_executor(None, describe_lora, name, vanilla)
+        body = await asyncio.get_running_loop().run_in_executor(None, describe_lora, name, vanilla, layout)
     except (TLoRAError, OSError) as e:
         return web.json_response({"error": str(e)}, status=400)
     except Exception as e:  # never an HTML 500: the node shows what went wrong

@@ -40,6 +40,7 @@ class ModuleAdapter:
     base_lam: torch.Tensor | None = None  # (R,) lambda0
     svd_base: bool = False  # LyCORIS: the base is the top-R SVD of the model's weight (stored or rebuilt at load)
     conv: bool = False  # 1x1 convolution (weight (out, in, 1, 1))
+    tap: bool = False  # conv factors that also run on a k x k conv: at the tap of index `padding`, on its stride
 
     @property
     def rank(self) -> int:
@@ -87,7 +88,7 @@ class ModuleAdapter:
         only the layer's weight shape tells such a module from a 1x1 conv's.
         """
         shape = tuple(int(d) for d in weight_shape)
-        if len(shape) > 2 and any(k != 1 for k in shape[2:]):
+        if len(shape) > 2 and any(k != 1 for k in shape[2:]) and not self.tap:
             return (f"convolution with kernel {'x'.join(map(str, shape[2:]))} > 1 is not supported "
                     "(LyCORIS tlora saves 1x1 factors for it and cannot run these either)")
         if shape[:2] != (self.out_features, self.in_features):

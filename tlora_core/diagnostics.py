@@ -117,13 +117,13 @@ def base_fit(adapter: ModuleAdapter, weight: torch.Tensor) -> float:
 
 
 def fit_message(file_name: str, figure: float, layers: int) -> str | None:
-    """The one warning line when a self-contained file's stored base does not fit the loaded checkpoint."""
+    """The one warning line when a stored base does not fit the loaded checkpoint."""
     if figure > FIT_DIFFERENT_ABOVE:
-        return (f"T-LoRA {file_name}: the SVD base stored in this self-contained file is not this checkpoint's "
+        return (f"T-LoRA {file_name}: the SVD base stored in this file is not this checkpoint's "
                 f"(residual {figure:.2f} > {FIT_DIFFERENT_ABOVE} over {layers} layers): it was made for a different "
                 "base checkpoint, so the result here is not what it was trained to do")
     if figure > FIT_RELATED_ABOVE:
-        return (f"T-LoRA {file_name}: the SVD base stored in this self-contained file fits this checkpoint only "
+        return (f"T-LoRA {file_name}: the SVD base stored in this file fits this checkpoint only "
                 f"roughly (residual {figure:.2f} > {FIT_RELATED_ABOVE} over {layers} layers; a fine-tune or merge "
                 "of the one it was made for?)")
     return None

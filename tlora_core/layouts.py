@@ -6,6 +6,9 @@
   official_ortho    ControlGenAI/T-LoRA SDXL Ortho: q/p/lambda plus base_q, base_p, base_lambda; scale 1.
   official_vanilla  ControlGenAI/T-LoRA vanilla (SDXL safetensors or Flux lora.pt): down, up; scale 1.
   kohya, peft       vanilla T-LoRAs saved in standard LoRA layouts (lora_down/lora_up/alpha, lora_A/lora_B).
+  lycoris_export    LyCORIS' tlora export as a rank-2R standard LoRA: up = [P diag(l), -P0 diag(l0)],
+                    down = [Q; Q0], alpha = 2a; read back as the ortho T-LoRA it is (rank i with rank R + i).
+Which trainer wrote a file, and what it did that the file does not say, is in `writers`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ OFFICIAL_ORTHO = "official_ortho"
 OFFICIAL_VANILLA = "official_vanilla"
 KOHYA = "kohya"
 PEFT = "peft"
+EXPORT = "lycoris_export"
 STANDARD_LAYOUTS = (KOHYA, PEFT)
 
 # How a format spells module names, for the ComfyUI key mapping.
@@ -34,11 +38,13 @@ NAMING = {
     OFFICIAL_VANILLA: "diffusers",
     KOHYA: "kohya",  # lora_unet_... / lycoris_... stems as written
     PEFT: "diffusers",
+    EXPORT: "kohya",
 }
 
 # text-encoder modules: kohya / LyCORIS `lora_te_`, `lora_te1_`, `lycoris_te2_`, ..., diffusers `text_encoder(_2).`;
+# Enferlain/sd-scripts `tlora_clip_l_`, `tlora_clip_g_`, `tlora_t5xxl_`;
 # a separator is required: `lycoris_text_transformer_blocks_0` is a Kandinsky 5 transformer module
-_TEXT_ENCODER = re.compile(r"^((lora|lycoris)_te\d?_|text_encoder(_\d)?[._]|te\d?_)")
+_TEXT_ENCODER = re.compile(r"^((lora|lycoris)_te\d?_|text_encoder(_\d)?[._]|te\d?_|tlora_(clip_[lg]|t5xxl)_)")
 
 # official repo processor names -> diffusers module names
 _OFFICIAL_PROC = {
@@ -50,13 +56,24 @@ _OFFICIAL_PROC = {
 SUFFIXES = {
     ".q_layer.weight": ("ortho", "q"), ".p_layer.weight": ("ortho", "p"), ".lambda_layer": ("ortho", "lam"),
     ".base_q.weight": ("ortho", "q0"), ".base_p.weight": ("ortho", "p0"), ".base_lambda": ("ortho", "lam0"),
-    ".base_lambda.weight": ("ortho", "lam0"),
+    ".base_lambda.weight": ("ortho", "lam0"), ".base_lambda_buf": ("ortho", "lam0"),
     ".base_q": ("ortho", "q0"), ".base_p": ("ortho", "p0"),  # a self-contained LyCORIS file (LyCORIS' buffer names)
     ".down.weight": (OFFICIAL_VANILLA, "down"), ".up.weight": (OFFICIAL_VANILLA, "up"),
     ".lora_down.weight": (KOHYA, "down"), ".lora_up.weight": (KOHYA, "up"),
     ".lora_A.weight": (PEFT, "down"), ".lora_B.weight": (PEFT, "up"),
     ".alpha": ("", "alpha"),
+    # lora-scripts-next (mid-2026) saved its schedule settings per module as tensors
+    ".tlora_min_rank_state": ("", "min_rank_state"), ".tlora_rank_schedule_state": ("", "schedule_state"),
 }
+# Files with a timestep dependence other than a rank schedule: (key pattern, what it is)
+NOT_TLORA = (
+    (re.compile(r"\.lora_time_(gamma|beta)\."),
+     "a DiffSynth-Studio timestep-aware LoRA (lora_time_gamma / lora_time_beta: every rank modulated by the "
+     "timestep embedding), not a T-LoRA rank schedule; this pack does not run it (use DiffSynth-Studio)"),
+    (re.compile(r"\.experts\.\d+\.\d+\.(down|up)\.weight$|\.timestep_embed\.weight$"),
+     "a TimeStep Master file (LyCORIS tsm: a mixture of per-interval LoRA experts), not a T-LoRA rank schedule; "
+     "this pack does not run it"),
+)
 _BY_LENGTH = sorted(SUFFIXES, key=len, reverse=True)
 
 Group = dict[str, torch.Tensor]
@@ -155,6 +172,8 @@ def build(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> 
     """The adapter of one module (None when it is skipped, with the reason in `skipped`)."""
     if fmt in (LYCORIS, OFFICIAL_ORTHO):
         return _ortho(path, fmt, name, g, skipped)
+    if fmt == EXPORT:
+        return _export(path, name, g, skipped)
     return _vanilla(path, fmt, name, g, skipped)
 
 
@@ -169,8 +188,10 @@ def _ortho(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) ->
     base = _ortho_base(path, name, g, q, p) if fmt == OFFICIAL_ORTHO or "q0" in g else {}
     if fmt == LYCORIS:
         alpha = _alpha(path, name, g.get("alpha"), r)
+        # with its base stored, a conv module of any kernel runs as the trainers that store it run it: 1x1 factors
+        # on the layer's stride, i.e. at the kernel tap of index `padding` (Enferlain/sd-scripts, 67372a LyCORIS)
         return ModuleAdapter(name=name, kind=ORTHO, up=p, down=q, lam=lam, scale=(alpha or r) / r, svd_base=True,
-                             conv=conv_q or conv_p, **base)
+                             conv=conv_q or conv_p, tap=bool(base) and (conv_q or conv_p), **base)
     target = official_target(name)
     if target is None:
         skipped[name] = "not a processor LoRA name of the official repo"
@@ -187,6 +208,25 @@ def _ortho_base(path: str, name: str, g: Group, q: torch.Tensor, p: torch.Tensor
                                f"do not match trained factors {tuple(q.shape)}/{tuple(p.shape)}")
     _check_rank(path, name, q0, p0, lam0)
     return {"base_up": p0, "base_down": q0, "base_lam": lam0}
+
+
+def _export(path: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
+    """A module of LyCORIS' rank-2R tlora export, as the ortho adapter it was exported from: rank i of the trained
+    half and of the base half are one rank of the schedule."""
+    down, conv_d = _matrix(path, name, "down", _tensor(path, name, g, "down"))
+    up, conv_u = _matrix(path, name, "up", _tensor(path, name, g, "up"))
+    if down is None or up is None:
+        skipped[name] = "convolution with kernel > 1 is not supported for T-LoRA"
+        return None
+    r2 = _check_rank(path, name, down, up)
+    if r2 % 2:
+        raise TLoRAError(path, f"module '{name}' has odd rank {r2}: a LyCORIS tlora export (rank 2R, ranks paired) "
+                               "has even rank; set standard_layout to 'ranks' if this is a vanilla T-LoRA")
+    r = r2 // 2
+    ones = torch.ones(r)
+    alpha = _alpha(path, name, g.get("alpha"), r2)  # 2a: alpha / rank is the T-LoRA's a / R
+    return ModuleAdapter(name=name, kind=ORTHO, up=up[:, :r], down=down[:r], lam=ones, base_up=-up[:, r:],
+                         base_down=down[r:], base_lam=ones, scale=alpha / r2, conv=conv_d or conv_u)
 
 
 def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:

@@ -20,12 +20,13 @@ Recorded = dict[str, tuple[float, str]]  # field -> (value, where it was found)
 
 META_KEYS = {
     "max_rank": ("linear_dim", "tlora_max_rank", "max_rank", "rank"),
-    "min_rank": ("tlora_min_rank", "min_rank"),
-    "alpha": ("tlora_alpha",),
+    "min_rank": ("tlora_min_rank", "ss_tlora_min_rank", "min_rank"),
+    "alpha": ("tlora_alpha", "tlora_mask_alpha", "ss_tlora_alpha_rank_scale"),
 }
 _JSON_CONFIGS = ("lycoris_config", "tlora_config", "training_config", "ss_network_args")
 # descriptive metadata fields that may name the method; free text elsewhere (captions, tags, paths) never counts
-_NAMING_FIELDS = ("algo", "lora_type", "network_type", "trainer", "ss_network_module", "modelspec.title",
+_NAMING_FIELDS = ("algo", "lora_type", "network_type", "trainer", "ss_network_module", "ss_adapter_module",
+                  "ss_adapter_algorithm", "modelspec.title",
                   "modelspec.architecture", "modelspec.description")
 _TLORA_WORD = re.compile(r"(?<![a-z0-9])t-?lora(?![a-z0-9])", re.I)
 
@@ -47,13 +48,17 @@ def _json_configs(metadata: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def says_tlora(metadata: dict[str, str]) -> bool:
-    """Whether the metadata marks the file as a T-LoRA: a `tlora_*` setting, `algo: tlora` in a training config,
-    or the word T-LoRA in a field that names the method (not in captions, tags or file names)."""
+    """Whether the metadata marks the file as a T-LoRA: a `tlora_*` / `ss_tlora_*` setting, `algo: tlora` (or
+    AnimaLoraStudio's `source_algo: tlora_ortho`) in a training config, lora-scripts-next's `timestep_lora`, or the
+    word T-LoRA in a field that names the method (not in captions, tags or file names)."""
     configs = [cfg for _, cfg in _json_configs(metadata)]
     keys = list(metadata) + [k for cfg in configs for k in cfg]
-    if any(str(k).lower().startswith("tlora_") for k in keys):
+    if any(str(k).lower().startswith(("tlora_", "ss_tlora_")) for k in keys):
         return True
-    if any(str(cfg.get("algo", "")).lower() in ("tlora", "t-lora") for cfg in configs):
+    if any(str(cfg.get("algo", "")).lower() in ("tlora", "t-lora") or
+           str(cfg.get("source_algo", "")).lower().startswith("tlora") for cfg in configs):
+        return True
+    if metadata.get("ss_adapter_algorithm") == "timestep_lora":  # lora-scripts-next
         return True
     return any(_TLORA_WORD.search(str(metadata.get(f, ""))) for f in _NAMING_FIELDS)
 

@@ -1,7 +1,8 @@
 """Rank schedule of T-LoRA and the timestep conventions that feed it.
 
 `active_rank` is the rank LyCORIS `compute_timestep_mask` activates (the same formula as the
-official T-LoRA repo): r = int(((T - t) / T) ** alpha * (R - Rmin)) + Rmin, clamped to R.
+official T-LoRA repo): r = int(((T - t) / T) ** alpha * (R - Rmin)) + Rmin, clamped to R. Some trainers round or
+shape the curve their own way (`CURVES`; which writer uses which is in `writers`).
 js/tlora_schedule.js ports `active_rank`; tests run both on one table of values.
 """
 
@@ -17,6 +18,12 @@ MAX_TIMESTEP = 1000
 DISCRETE = "discrete"  # DDPM-style models (SD1.5, SDXL): the model's own integer timestep
 FLOW = "flow"  # rectified-flow models (SD3, Flux, Flux 2, ...): int(sigma * 1000)
 TIMESTEP_MODES = (DISCRETE, FLOW)
+
+# How the active rank follows p = (T - t) / T (1 at pure noise is p = 0):
+POWER = "power"  # int(p ** alpha * (R - Rmin)) + Rmin: LyCORIS, SimpleTuner, the official repo, sd-scripts forks
+POWER_CEIL = "power_ceil"  # ranks i < p ** alpha * (R - Rmin) + Rmin, i.e. its ceiling: AnimaLoraStudio
+COSINE = "cosine"  # Rmin + int((0.5 - 0.5 cos(pi p)) * (R - Rmin)): lora-scripts-next (its default schedule)
+CURVES = (POWER, POWER_CEIL, COSINE)
 
 
 def validate(max_rank: int, min_rank: int = 1, alpha: float = 1.0) -> None:
@@ -35,13 +42,22 @@ def active_rank(
     min_rank: int = 1,
     alpha: float = 1.0,
     max_timestep: int = MAX_TIMESTEP,
+    curve: str = POWER,
 ) -> int:
     """Number of leading ranks active at trainer timestep t (0 = clean, max_timestep = noise)."""
     validate(max_rank, min_rank, alpha)
     if not math.isfinite(t) or not 0 <= t <= max_timestep:
         raise ValueError(f"timestep must be in [0, {max_timestep}], got {t!r}")
-    r = int(((max_timestep - t) / max_timestep) ** alpha * (max_rank - min_rank)) + min_rank
-    return min(r, max_rank)
+    p = (max_timestep - t) / max_timestep
+    if curve == POWER:
+        r = int(p ** alpha * (max_rank - min_rank)) + min_rank
+    elif curve == POWER_CEIL:
+        r = math.ceil(p ** alpha * (max_rank - min_rank) + min_rank)
+    elif curve == COSINE:
+        r = min_rank + int((0.5 - 0.5 * math.cos(math.pi * p)) * (max_rank - min_rank))
+    else:
+        raise ValueError(f"curve must be one of {', '.join(CURVES)}, got {curve!r}")
+    return min(max(r, min_rank), max_rank)
 
 
 def _trainer_t(t: float, what: str, integer: bool) -> float:
@@ -64,7 +80,7 @@ def discrete_timestep(model_t: float, integer: bool = True) -> float:
 
 
 def schedule_table(max_rank: int, min_rank: int = 1, alpha: float = 1.0,
-                   timesteps: Sequence[int] | None = None) -> list[tuple[int, int]]:
+                   timesteps: Sequence[int] | None = None, curve: str = POWER) -> list[tuple[int, int]]:
     """(t, rank) pairs, every integer t in [0, 999] unless `timesteps` is given."""
     ts = range(MAX_TIMESTEP) if timesteps is None else timesteps
-    return [(int(t), active_rank(t, max_rank, min_rank, alpha)) for t in ts]
+    return [(int(t), active_rank(t, max_rank, min_rank, alpha, curve=curve)) for t in ts]

@@ -118,7 +118,7 @@ class LayerSlot:
         n = k * r
         ranks = act.sample_ranks
         if self.conv is not None:
-            h = F.conv2d(x, down[:n, :, None, None], None, **self.conv)
+            h = _fit(F.conv2d(x, down[:n, :, None, None], None, **self.conv), y)
             if ranks is not None:
                 h = h * sample_mask(ranks, self.rank, h, n, k, 1)
             return y + self.strength * F.conv2d(h, up_t[:n].T[:, :, None, None])
@@ -147,7 +147,10 @@ class LayerSlot:
             return y
         down, up_t, k = self.factors.get(x.dtype, x.device)
         conv = self.conv is not None
-        h = F.conv2d(x, down[:, :, None, None], None, **self.conv) if self.conv is not None else F.linear(x, down)
+        if self.conv is not None:
+            h = _fit(F.conv2d(x, down[:, :, None, None], None, **self.conv), y)
+        else:
+            h = F.linear(x, down)
         if mask is not None:
             m = mask[:, : self.rank].to(h.dtype).repeat_interleave(k, dim=1)  # (items, k * R), rows interleaved
             m = m.repeat_interleave(h.shape[0] // m.shape[0], dim=0)
@@ -162,6 +165,13 @@ class LayerSlot:
         y = y.clone()
         y.narrow(-1, *self.out_slice).add_(d)
         return y
+
+
+def _fit(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The factors' output on a k x k conv layer's output grid (a 1x1 conv on the stride can reach one row further)."""
+    if h.shape[2:] == y.shape[2:]:
+        return h
+    return h[..., : y.shape[-2], : y.shape[-1]]
 
 
 def sample_mask(ranks: list[int], max_rank: int, h: torch.Tensor, n: int, k: int, dim: int) -> torch.Tensor:

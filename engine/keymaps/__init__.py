@@ -58,8 +58,18 @@ def split_hit(hit) -> tuple[str, tuple[int, int, int] | None, Callable | None]:
     return hit[0], hit[1], hit[2] if len(hit) > 2 else None
 
 
+# Enferlain/sd-scripts names modules by component: `tlora_unet_`, `tlora_mmdit_`, `tlora_clip_l_`, ... + the
+# component's own module path: ComfyUI's kohya spellings of the same path
+_COMPONENTS = (("tlora_unet_", ("lora_unet_",)), ("tlora_mmdit_", ("lora_unet_",)),
+               ("tlora_clip_l_", ("lora_te_", "lora_te1_")), ("tlora_clip_g_", ("lora_te2_",)),
+               ("tlora_t5xxl_", ("lora_te3_",)))
+
+
 def candidates(name: str, naming: str) -> list[str]:
     """Spellings of one module name that the key map may hold."""
+    for prefix, spellings in _COMPONENTS:
+        if name.startswith(prefix):
+            return [s + name[len(prefix):] for s in spellings]
     out = [name]
     if naming == "diffusers":
         flat = name.replace(".", "_")
