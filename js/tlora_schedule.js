@@ -10,13 +10,21 @@ export function activeRank(t, maxRank, minRank = 1, alpha = 1.0, maxTimestep = M
     throw new RangeError(`min_rank must be in [1, ${maxRank}], got ${minRank}`);
   if (!(alpha > 0) || !Number.isFinite(alpha)) throw new RangeError(`alpha must be > 0, got ${alpha}`);
   if (!(t >= 0 && t <= maxTimestep)) throw new RangeError(`timestep must be in [0, ${maxTimestep}], got ${t}`);
-  const p = (maxTimestep - t) / maxTimestep;
+  const span = maxRank - minRank;
   let r;
-  // Math.trunc == Python int() for the non-negative values these produce
-  if (curve === "power") r = Math.trunc(Math.pow(p, alpha) * (maxRank - minRank)) + minRank;
-  else if (curve === "power_ceil") r = Math.ceil(Math.pow(p, alpha) * (maxRank - minRank) + minRank);
-  else if (curve === "cosine") r = minRank + Math.trunc((0.5 - 0.5 * Math.cos(Math.PI * p)) * (maxRank - minRank));
-  else throw new RangeError(`curve must be one of power, power_ceil, cosine, got ${curve}`);
+  if (curve === "power") {
+    // Math.trunc == Python int() for the non-negative values this produces
+    r = Math.trunc(Math.pow((maxTimestep - t) / maxTimestep, alpha) * span) + minRank;
+  } else {
+    // the sigma trainers' float32 arithmetic: p = 1 - sigma
+    const f = Math.fround;
+    let p = f(1 - f(t / maxTimestep));
+    if (curve === "power_ceil") r = Math.ceil(f(f(f(Math.pow(p, alpha)) * span) + minRank));
+    else if (curve === "linear" || curve === "cosine") {
+      if (curve === "cosine") p = f(0.5 - f(0.5 * f(Math.cos(f(Math.PI * p)))));
+      r = minRank + Math.floor(f(span * p));
+    } else throw new RangeError(`curve must be one of power, power_ceil, linear, cosine, got ${curve}`);
+  }
   return Math.min(Math.max(r, minRank), maxRank);
 }
 

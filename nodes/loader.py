@@ -51,7 +51,7 @@ def _inputs() -> list:
                          tooltip="Accept a standard LoRA layout (kohya lora_down/lora_up, PEFT lora_A/B) "
                                  "as a vanilla T-LoRA. Needed only when the file's metadata does not "
                                  "say it is a T-LoRA."),
-        io.Combo.Input("standard_layout", options=list(STANDARD_LAYOUTS), default="auto",
+        io.Combo.Input("standard_layout", options=list(STANDARD_LAYOUTS), default="auto", optional=True,
                        tooltip="How the ranks of a standard-layout T-LoRA switch on. auto: as the file's metadata "
                                "says. ranks: one rank per index (a vanilla T-LoRA). pairs: LyCORIS' rank-2R tlora "
                                "export (convert_tlora.py, or LyCORIS' save since its pull request 280), where rank i "

@@ -12,6 +12,8 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import torch
+
 MAX_TIMESTEP = 1000
 
 # How a trainer turns a sampler's sigma into the t its mask was computed from.
@@ -19,11 +21,13 @@ DISCRETE = "discrete"  # DDPM-style models (SD1.5, SDXL): the model's own intege
 FLOW = "flow"  # rectified-flow models (SD3, Flux, Flux 2, ...): int(sigma * 1000)
 TIMESTEP_MODES = (DISCRETE, FLOW)
 
-# How the active rank follows p = (T - t) / T (1 at pure noise is p = 0):
+# How the active rank follows p = (T - t) / T (p = 0 at pure noise):
 POWER = "power"  # int(p ** alpha * (R - Rmin)) + Rmin: LyCORIS, SimpleTuner, the official repo, sd-scripts forks
+# the trainers that feed their mask sigma itself compute in float32 with p = 1 - sigma, as done here
 POWER_CEIL = "power_ceil"  # ranks i < p ** alpha * (R - Rmin) + Rmin, i.e. its ceiling: AnimaLoraStudio
-COSINE = "cosine"  # Rmin + int((0.5 - 0.5 cos(pi p)) * (R - Rmin)): lora-scripts-next (its default schedule)
-CURVES = (POWER, POWER_CEIL, COSINE)
+LINEAR = "linear"  # Rmin + floor(p * (R - Rmin)): lora-scripts-next's linear schedule
+COSINE = "cosine"  # Rmin + floor((0.5 - 0.5 cos(pi p)) * (R - Rmin)): lora-scripts-next's default schedule
+CURVES = (POWER, POWER_CEIL, LINEAR, COSINE)
 
 
 def validate(max_rank: int, min_rank: int = 1, alpha: float = 1.0) -> None:
@@ -48,16 +52,25 @@ def active_rank(
     validate(max_rank, min_rank, alpha)
     if not math.isfinite(t) or not 0 <= t <= max_timestep:
         raise ValueError(f"timestep must be in [0, {max_timestep}], got {t!r}")
-    p = (max_timestep - t) / max_timestep
     if curve == POWER:
-        r = int(p ** alpha * (max_rank - min_rank)) + min_rank
-    elif curve == POWER_CEIL:
-        r = math.ceil(p ** alpha * (max_rank - min_rank) + min_rank)
-    elif curve == COSINE:
-        r = min_rank + int((0.5 - 0.5 * math.cos(math.pi * p)) * (max_rank - min_rank))
+        r = int(((max_timestep - t) / max_timestep) ** alpha * (max_rank - min_rank)) + min_rank
+    elif curve in (POWER_CEIL, LINEAR, COSINE):
+        r = _sigma_curve(t / max_timestep, max_rank, min_rank, alpha, curve)
     else:
         raise ValueError(f"curve must be one of {', '.join(CURVES)}, got {curve!r}")
     return min(max(r, min_rank), max_rank)
+
+
+def _sigma_curve(sigma: float, max_rank: int, min_rank: int, alpha: float, curve: str) -> int:
+    """The sigma trainers' rules, in their float32 arithmetic (a float64 p = 0.79999999 would floor to the rank
+    below their 0.8)."""
+    p = 1.0 - torch.tensor(sigma, dtype=torch.float32)
+    span = max_rank - min_rank
+    if curve == POWER_CEIL:
+        return int(torch.ceil(p.pow(alpha) * span + min_rank))
+    if curve == COSINE:
+        p = 0.5 - 0.5 * torch.cos(math.pi * p)
+    return min_rank + int(torch.floor(span * p))
 
 
 def _trainer_t(t: float, what: str, integer: bool) -> float:

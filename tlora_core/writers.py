@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schedule import COSINE, POWER, POWER_CEIL
+from .schedule import COSINE, LINEAR, POWER, POWER_CEIL
 
 Recorded = dict[str, tuple[float, str]]
 
@@ -96,7 +96,7 @@ def _lora_scripts_next(metadata: dict[str, str], state: dict[str, float], rank: 
                       "(no ss_tlora_* metadata)")},
                       assumed="no ss_tlora_* metadata: written by a release that trained with every rank active; "
                               "run as trained (every rank), or set schedule_source to 'sliders' to try a schedule")
-    curve = POWER if sched == "linear" else COSINE
+    curve = LINEAR if sched == "linear" else COSINE
     assumed = "" if sched else "its rank schedule is not recorded: cosine assumed (the trainer's default)"
     return Writer("lora_scripts_next", title, curve=curve, integer_timestep=False, found=found,
                   defaults={"min_rank": (1, "default")}, assumed=assumed)

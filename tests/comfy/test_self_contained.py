@@ -103,7 +103,7 @@ def test_command_line_writes_the_same_base_from_a_diffusers_folder(pack, made, t
     assert main(["embed-base", str(made["plain"]), "--base", str(tmp_path / "nothing_here")]) == 2
 
 
-@pytest.mark.parametrize("damage", ["edited_base", "one_base_missing", "no_record", "truncated"])
+@pytest.mark.parametrize("damage", ["edited_base", "one_base_missing", "record_without_digest", "truncated"])
 def test_damaged_self_contained_files_are_refused(pack, made, tmp_path, damage):
     sd = load_file(str(made["contained"]))
     with safe_open(str(made["contained"]), "pt") as f:
@@ -114,18 +114,31 @@ def test_damaged_self_contained_files_are_refused(pack, made, tmp_path, damage):
         sd[victim] = sd[victim] * 1.001
     elif damage == "one_base_missing":
         del sd[victim]
-    elif damage == "no_record":
-        del meta["tlora_base"]
+    elif damage == "record_without_digest":
+        meta["tlora_base"] = json.dumps({k: v for k, v in json.loads(meta["tlora_base"]).items() if k != "digest"})
     save_file(sd, str(path), metadata=meta)
     if damage == "truncated":
         with open(made["contained"], "rb") as f:
             data = f.read()
         path.write_bytes(data[: len(data) * 2 // 3])
     cause = {"edited_base": "digest mismatch", "one_base_missing": "stores the SVD base of",
-             "no_record": "without the 'tlora_base' record", "truncated": "truncated or corrupt"}[damage]
+             "record_without_digest": "has no digest", "truncated": "truncated or corrupt"}[damage]
     with pytest.raises(pack.tlora_core.TLoRAError) as e:
         pack.tlora_core.load_tlora(path)
     assert path.name in str(e.value) and cause in str(e.value), str(e.value)
+
+
+def test_a_stored_base_without_the_record_is_a_trainers_and_is_used_as_stored(pack, made, tmp_path):
+    """Trainers that store the base they trained against (Enferlain, 67372a) write no `tlora_base` record: such a
+    file is read with its stored base, never an SVD, and named as a stored-base writer's."""
+    sd = load_file(str(made["contained"]))
+    path = tmp_path / "trainer_stored.safetensors"
+    save_file(sd, str(path))
+    tl = pack.tlora_core.load_tlora(path)
+    assert tl.writer.id == "lycoris_stored_base" and not tl.needs_svd_base
+    ref = pack.tlora_core.load_tlora(made["contained"])
+    for name, a in tl.modules.items():
+        assert torch.equal(a.base_down, ref.modules[name].base_down)
 
 
 def test_self_contained_file_on_another_checkpoint_is_reported(pack, made, caplog):

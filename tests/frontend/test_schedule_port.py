@@ -37,6 +37,27 @@ console.log(JSON.stringify(out));
         assert ranks == py, f"JS and Python disagree for max_rank={r} min_rank={rmin} alpha={a}"
 
 
+CURVE_CASES = [(r, rmin, a, c) for r in (2, 8, 16, 64) for rmin in sorted({1, max(1, r // 2)})
+               for a in (0.5, 1.0, 1.7) for c in ("power_ceil", "linear", "cosine")]
+
+
+def test_js_port_matches_python_for_the_trainers_curves():
+    """The curves of the trainers that feed their mask sigma (float32 arithmetic; JS emulates it with fround)."""
+    script = f"""
+import {{ scheduleRanks }} from {json.dumps((ROOT / 'js' / 'tlora_schedule.js').as_uri())};
+const cases = {json.dumps(CURVE_CASES)};
+console.log(JSON.stringify(cases.map(([r, rmin, a, c]) => scheduleRanks(r, rmin, a, c))));
+"""
+    res = subprocess.run([NODE, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    js = json.loads(res.stdout)
+    bad = []
+    for (r, rmin, a, c), ranks in zip(CURVE_CASES, js, strict=True):
+        py = [active_rank(t, r, rmin, a, curve=c) for t in range(1000)]
+        bad += [(r, rmin, a, c, t, ranks[t], py[t]) for t in range(1000) if ranks[t] != py[t]]
+    assert not bad, f"{len(bad)} disagreements, e.g. {bad[:5]}"
+
+
 def test_js_port_rejects_what_python_rejects():
     script = f"""
 import {{ activeRank }} from {json.dumps((ROOT / 'js' / 'tlora_schedule.js').as_uri())};
