@@ -164,3 +164,33 @@ def comfy_get(clip, key):
     import comfy.utils
 
     return comfy.utils.get_attr(clip.cond_stage_model, key).detach().clone()
+
+
+def test_enferlain_clip_modules_map_and_apply_at_full_rank(pack, tmp_path):
+    """Enferlain/sd-scripts names text-encoder modules `tlora_clip_l_<transformers path>` and stores their base;
+    they map onto ComfyUI's CLIP-L and apply unmasked (its trainer never masked them), equal to the twin with
+    the formula's full-rank weight change added."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tools import writer_files as wf
+
+    te = tm.fill_random_(CLIPTextModel(CLIPTextConfig(**CONFIG)), 3)
+    clip = comfy_clip(te.state_dict())
+    linears = {n: m for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    full = {n: n if n.startswith("text_model.") else f"text_model.{n}" for n in linears}  # transformers' own path
+    layers = [wf.Layer("tlora_clip_l_" + full[n].replace(".", "_"), m.out_features, m.in_features)
+              for n, m in linears.items()]
+    path = tmp_path / "enferlain_te.safetensors"
+    factors = wf.write_ortho(path, layers, RANK, 2.0, {"ss_adapter_module": "library.adapters.tlora"}, seed=2)
+    tl = pack.tlora_core.load_tlora(path)
+    assert tl.writer.id == "enferlain" and not tl.modules and len(tl.text_encoder_modules) == len(linears) == 12
+    out = pack.engine.apply_text_encoder(clip, tl, 1.0)
+    tokens = clip.tokenize("a photo of a cat riding a bicycle")
+    ids = torch.tensor([[t for t, _ in tokens["l"][0]]])
+    with torch.no_grad():
+        ours, base = out.encode_from_tokens(tokens), clip.encode_from_tokens(tokens)
+        for (n, m), layer in zip(linears.items(), layers, strict=True):
+            f = {k: v.double() for k, v in factors[layer.name].items()}
+            m.weight += ((2.0 / RANK) * ((f["p"] * f["lam"]) @ f["q"] - (f["p0"] * f["lam0"]) @ f["q0"])).float()
+        ref = te(ids).last_hidden_state
+    assert rel_l2(ours - base, ref - base) < 1e-4 and rel_l2(ref, base) > 1e-2
