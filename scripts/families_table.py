@@ -1,7 +1,9 @@
 """README tables generated from the tests' results (never written by hand):
 
-  families  tests/comfy/test_families.py -> test_artifacts/comfyui-<version>/families.json
+  families  tests/comfy/test_families.py -> test_artifacts/comfyui-<version>/families.json (and, for families
+            no diffusers class exists for, the writers' rows below)
   storage   tests/comfy/test_storage.py  -> test_artifacts/comfyui-<version>/storage.json
+  writers   tests/comfy/test_writers.py  -> test_artifacts/comfyui-<version>/writers.json
 
     python scripts/families_table.py           rewrite the tables in README.md from the artifacts of every host
     python scripts/families_table.py --check   fail if README.md's tables disagree with the artifacts (rows, hosts,
@@ -38,6 +40,28 @@ def _hosts(by_host: dict, key: str) -> list[str]:
     return sorted((h for h, rows in by_host.items() if key in rows), key=lambda v: [int(x) for x in v.split(".")])
 
 
+# families with no diffusers class (no LyCORIS twin): their row comes from their trainers' formulas
+FORMULA_FAMILIES = {"anima": ("Anima (vs its trainers' formulas)", "sigma (post-shift), the trainer's curve")}
+
+
+def formula_rows(writers: dict) -> dict:
+    """families.json-shaped rows for FORMULA_FAMILIES, from the writers' results on them (worst case of all)."""
+    out: dict = {}
+    for host, rows in writers.items():
+        for fam, (title, rule) in FORMULA_FAMILIES.items():
+            mine = [r for r in rows.values() if r["family"] == fam]
+            if mine:
+                out.setdefault(host, {})[fam] = {
+                    "title": title, "comfy_class": mine[0]["comfy_class"], "timesteps": rule,
+                    "max_effect_error": max(r["max_effect_error"] for r in mine), "max_effect_error_exact_base": None,
+                    "modules": mine[0]["modules"], "fused": 0, "reordered": 0}
+    return out
+
+
+def _fig(x) -> str:
+    return "—" if x is None else f"{x:.1e}"
+
+
 def families_table(by_host: dict) -> str:
     keys = sorted({k for rows in by_host.values() for k in rows}, key=lambda k: _first(by_host, k)["title"].lower())
     lines = ["| family | ComfyUI class | hosts | effect error vs LyCORIS | vs LyCORIS with an exact base | "
@@ -46,10 +70,25 @@ def families_table(by_host: dict) -> str:
         hosts = _hosts(by_host, k)
         rows = [by_host[h][k] for h in hosts]
         r = rows[0]
+        exact = [x["max_effect_error_exact_base"] for x in rows if x["max_effect_error_exact_base"] is not None]
         lines.append(f"| {r['title']} | {r['comfy_class']} | {', '.join(hosts)} | "
-                     f"{max(x['max_effect_error'] for x in rows):.1e} | "
-                     f"{max(x['max_effect_error_exact_base'] for x in rows):.1e} | {r['timesteps']} | "
-                     f"{r['modules']} ({r['fused']} / {r['reordered']}) |")
+                     f"{max(x['max_effect_error'] for x in rows):.1e} | {_fig(max(exact) if exact else None)} | "
+                     f"{r['timesteps']} | {r['modules']} ({r['fused']} / {r['reordered']}) |")
+    return "\n".join(lines)
+
+
+def writers_table(by_host: dict) -> str:
+    keys = sorted({k for rows in by_host.values() for k in rows})
+    lines = ["| file | writer | family (ComfyUI class) | hosts | modules (k×k convs) | curve | active rank at t = "
+             "999 / 750 / 500 / 250 / 0 | effect error | layer error |", "|---|---|---|---|---|---|---|---|---|"]
+    for k in keys:
+        hosts = _hosts(by_host, k)
+        rows = [by_host[h][k] for h in hosts]
+        r = rows[0]
+        ranks = " / ".join(str(r["ranks"][t]) for t in ("999", "750", "500", "250", "0"))
+        lines.append(f"| {k} | {r['writer']} | {r['family']} ({r['comfy_class']}) | {', '.join(hosts)} | "
+                     f"{r['modules']} ({r['convs_kxk']}) | {r['curve']} | {ranks} | "
+                     f"{max(x['max_effect_error'] for x in rows):.1e} | {max(x['max_layer_error'] for x in rows):.1e} |")
     return "\n".join(lines)
 
 
@@ -90,12 +129,13 @@ def check(text: str, tables: dict[str, str]) -> list[str]:
         m = re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", text, re.S)
         have = _rows(m.group(1)) if m else []
         want = _rows(fresh)
-        numeric = {3, 4}  # figures: families' effect errors; storage's rebuilt / self-contained errors
+        # figures: families' effect errors; storage's rebuilt / self-contained errors; writers' effect / layer errors
+        numeric = {7, 8} if name == "writers" else {3, 4}
         strip = [[c for i, c in enumerate(r) if i not in numeric] for r in (have, want)]
         if strip[0] != strip[1]:
             problems.append(f"README's {name} table differs from the test results: run scripts/families_table.py")
         for r in have + want:
-            if name == "families" and any(float(r[i]) >= BOUND for i in numeric):
+            if name in ("families", "writers") and any(r[i] != "—" and float(r[i]) >= BOUND for i in numeric):
                 problems.append(f"{r[0]}: conformance above {BOUND}: {r}")
     return problems
 
@@ -104,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only compare README.md with the results")
     args = ap.parse_args(argv)
-    fams, store = _load("families.json"), _load("storage.json")
-    if not fams or not store:
+    fams, store, writers = _load("families.json"), _load("storage.json"), _load("writers.json")
+    if not fams or not store or not writers:
         print("no test results in test_artifacts/: run `make test` first", file=sys.stderr)
         return 1
-    tables = {"families": families_table(fams), "storage": storage_table(store)}
+    for host, rows in formula_rows(writers).items():
+        fams.setdefault(host, {}).update(rows)
+    tables = {"families": families_table(fams), "storage": storage_table(store), "writers": writers_table(writers)}
     text = README.read_text()
     if args.check:
         problems = check(text, tables)
