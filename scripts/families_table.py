@@ -86,9 +86,9 @@ def writers_table(by_host: dict) -> str:
         rows = [by_host[h][k] for h in hosts]
         r = rows[0]
         ranks = " / ".join(str(r["ranks"][t]) for t in ("999", "750", "500", "250", "0"))
+        effect, layer = (max(x[f] for x in rows) for f in ("max_effect_error", "max_layer_error"))
         lines.append(f"| {k} | {r['writer']} | {r['family']} ({r['comfy_class']}) | {', '.join(hosts)} | "
-                     f"{r['modules']} ({r['convs_kxk']}) | {r['curve']} | {ranks} | "
-                     f"{max(x['max_effect_error'] for x in rows):.1e} | {max(x['max_layer_error'] for x in rows):.1e} |")
+                     f"{r['modules']} ({r['convs_kxk']}) | {r['curve']} | {ranks} | {effect:.1e} | {layer:.1e} |")
     return "\n".join(lines)
 
 

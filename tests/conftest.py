@@ -83,6 +83,30 @@ def _write_sidecar(folder: Path, extra: dict | None = None) -> None:
     (folder / "lycoris_config.json").write_text(json.dumps(cfg, indent=2))
 
 
+SD_SCRIPTS_SDXL = "sd_scripts_tlora_sdxl.safetensors"
+
+
+def _write_sd_scripts_sdxl(checkpoint: Path, out: Path) -> None:
+    """A T-LoRA in the layout of sd-scripts with 67372a's LyCORIS fork on the tiny SDXL: kohya names of every
+    attention Linear and 3x3 conv of the UNet, the stored base, `algo: tlora` and no min_rank (its default:
+    ceil(R / 2))."""
+    from safetensors import safe_open
+
+    from tools import writer_files
+
+    layers = []
+    with safe_open(str(checkpoint), "pt") as f:
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            if key.endswith(".weight") and (".attn" in key and len(shape) == 2 or len(shape) == 4 and shape[2] == 3):
+                path = key.removesuffix(".weight").removeprefix("model.diffusion_model.")
+                layers.append(writer_files.Layer("lora_unet_" + path.replace(".", "_"), shape[0], shape[1],
+                                                 len(shape) == 4))
+    writer_files.write_ortho(out, layers, RANK, LINEAR_ALPHA, {
+        "ss_network_module": "lycoris.kohya", "ss_network_dim": str(RANK),
+        "ss_network_args": json.dumps({"algo": "tlora", "preset": "full"})}, seed=4)
+
+
 @pytest.fixture(scope="session")
 def loras(tiny, tmp_path_factory) -> Path:
     """A loras folder with LyCORIS T-LoRA files written by LyCORIS on the tiny models' diffusers twins."""
@@ -108,6 +132,7 @@ def loras(tiny, tmp_path_factory) -> Path:
         flux = FluxTransformer2DModel.from_config(config)
     (folder / "tlora_flux").mkdir()
     tiny_models.write_official_flux_pt(flux, folder / "tlora_flux" / "lora.pt", RANK, seed=3, strength=0.5)
+    _write_sd_scripts_sdxl(Path(tiny["sdxl"]["comfy_file"]), folder / SD_SCRIPTS_SDXL)
     # files the loader must refuse with the server's own message: a VAE, a stock kohya LoRA (no T-LoRA marker)
     (folder / "not_a_lora.safetensors").symlink_to(Path(tiny["vae"]["vae_4ch"]).absolute())
     from safetensors.torch import save_file

@@ -189,7 +189,7 @@ def test_enferlain_clip_modules_map_and_apply_at_full_rank(pack, tmp_path):
     ids = torch.tensor([[t for t, _ in tokens["l"][0]]])
     with torch.no_grad():
         ours, base = out.encode_from_tokens(tokens), clip.encode_from_tokens(tokens)
-        for (n, m), layer in zip(linears.items(), layers, strict=True):
+        for m, layer in zip(linears.values(), layers, strict=True):
             f = {k: v.double() for k, v in factors[layer.name].items()}
             m.weight += ((2.0 / RANK) * ((f["p"] * f["lam"]) @ f["q"] - (f["p0"] * f["lam0"]) @ f["q0"])).float()
         ref = te(ids).last_hidden_state

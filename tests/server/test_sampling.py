@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import MIN_RANK, RANK, ROOT, TLORA_ALPHA
+from tests.conftest import MIN_RANK, RANK, ROOT, SD_SCRIPTS_SDXL, TLORA_ALPHA
 from tlora_core import schedule
 from tools.harness import workflow
 from tools.harness.server import error_message
@@ -99,6 +99,34 @@ def test_every_call_uses_the_rank_of_its_sigma(server, tiny, sampler, scheduler,
     assert_discrete_schedule(calls)
     ranks = [c["rank"][0] for c in calls]
     assert ranks[0] == MIN_RANK and max(ranks) > MIN_RANK, ranks
+
+
+def test_a_writers_file_runs_with_its_trainers_schedule_through_the_node(server, tiny):
+    """An sd-scripts + 67372a LyCORIS file (stored base, 3x3 convs, no min_rank recorded) in the example workflow:
+    the node names its writer, and every call's rank is that trainer's rule with its default min_rank ceil(R/2)."""
+    import math
+
+    from tools.writer_files import rank_lycoris
+
+    body = server.get(f"/tlora/info?lora_name={SD_SCRIPTS_SDXL}")
+    assert body["writer"]["id"] == "sd_scripts_67372a" and body["curve"] == "power"
+    assert body["recorded"]["min_rank"] == {"value": math.ceil(RANK / 2),
+                                            "source": "the trainer's default ceil(rank / 2)"}
+    info = server.get("/object_info")
+    prompt = workflow.substitute_tiny(
+        workflow.to_api(workflow.load(WF / "tlora_sdxl_txt2img.json"), info), {**sdxl_files(tiny),
+                                                                               "lora": SD_SCRIPTS_SDXL},
+        SDXL_COND, {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, "KSampler": {"steps": 6}})
+    start = trace_len(server)
+    assert len(server.images(server.run(prompt))) == 1
+    calls = trace_lines(server, start)
+    table = discrete_sigmas()
+    assert len(calls) == 6
+    for c in calls:
+        assert (c["max_rank"], c["min_rank"], c["alpha"], c["curve"]) == (RANK, math.ceil(RANK / 2), 1.0, "power")
+        for sigma, t, rank in zip(c["sigma"], c["t"], c["rank"], strict=True):
+            assert t == int(np.abs(np.log(table) - np.log(sigma)).argmin())
+            assert rank == rank_lycoris(t, RANK, math.ceil(RANK / 2), 1.0)
 
 
 def test_schedule_differs_from_all_ranks(server, tiny, artifacts):

@@ -64,6 +64,8 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 if not _is_widget(spec):
                     continue
                 if not values:
+                    if section == "optional":  # saved before the widget existed: the frontend gives its default
+                        continue
                     raise ValueError(f"node {node['id']} ({ntype}): no widget value left for {name!r}")
                 inputs[name] = values.pop(0)
                 if _has_control(name, spec) and values:
