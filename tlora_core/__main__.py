@@ -29,7 +29,8 @@ log = logging.getLogger("tlora.cli")
 
 def _info(path: str) -> dict[str, object]:
     tl = load_tlora(path)
-    return {"file": path, "format": tl.format, "rank": tl.rank, "modules": len(tl.modules),
+    return {"file": path, "format": tl.format, "writer": tl.writer.title, "assumed": tl.writer.assumed,
+            "curve": tl.curve, "rank": tl.rank, "modules": len(tl.modules),
             "text_encoder_modules": len(tl.text_encoder_modules), "skipped": len(tl.skipped),
             "schedule": {k: {"value": v, "source": src} for k, (v, src) in tl.schedule_defaults().items()},
             "stored_base": tl.stored_base}

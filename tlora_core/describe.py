@@ -69,7 +69,7 @@ def describe(path: str | os.PathLike[str], assume_vanilla: bool = False, sidecar
     modules = {n: g for n, g in groups.items() if any(r in g for r in ("q", "p", "down", "up", "lam"))}
     te = [n for n in modules if layouts.is_text_encoder(n)]
     ranks = [g[r][0] for g in modules.values() for r in _RANK_ROLES if r in g and g[r]]
-    rank = (max(ranks) if ranks else 0) // (2 if fmt == layouts.EXPORT else 1)
+    rank = (max(ranks) if ranks else 0) // (2 if fmt in layouts.EXPORTS else 1)
     stored = fmt == layouts.LYCORIS and bool(modules) and all("q0" in g for g in modules.values())
     base_record = None
     if stored:

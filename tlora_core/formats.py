@@ -110,13 +110,10 @@ def classify(path: str, families: set[str], groups: dict[str, dict[str, Any]], k
         except ValueError as e:
             raise TLoRAError(path, str(e)) from None
         if layout == writers.PAIRS:
-            if fmt != KOHYA:
-                raise TLoRAError(path, "standard_layout 'pairs' reads LyCORIS' rank-2R tlora export (lora_down / "
-                                       f"lora_up names); this file is in the {fmt} layout")
-            fmt, rank = layouts.EXPORT, rank // 2
+            fmt, rank = (layouts.EXPORT if fmt == KOHYA else layouts.EXPORT_PEFT), rank // 2
     stored = fmt == LYCORIS and bool(groups) and all("q0" in g for g in groups.values() if "q" in g)
     writer = writers.identify(fmt, set(groups), metadata, rank, stored, BASE_METADATA in metadata,
-                              writers.PAIRS if fmt == layouts.EXPORT else writers.RANKS, state)
+                              writers.PAIRS if fmt in layouts.EXPORTS else writers.RANKS, state)
     return fmt, writer, why
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,6 +30,8 @@ OFFICIAL_VANILLA = "official_vanilla"
 KOHYA = "kohya"
 PEFT = "peft"
 EXPORT = "lycoris_export"
+EXPORT_PEFT = "lycoris_export_peft"  # the same in PEFT names (lora_A = [Q; Q0], lora_B = [P diag(l), -P0 diag(l0)])
+EXPORTS = (EXPORT, EXPORT_PEFT)
 STANDARD_LAYOUTS = (KOHYA, PEFT)
 
 # How a format spells module names, for the ComfyUI key mapping.
@@ -39,6 +42,7 @@ NAMING = {
     KOHYA: "kohya",  # lora_unet_... / lycoris_... stems as written
     PEFT: "diffusers",
     EXPORT: "kohya",
+    EXPORT_PEFT: "diffusers",
 }
 
 # text-encoder modules: kohya / LyCORIS `lora_te_`, `lora_te1_`, `lycoris_te2_`, ..., diffusers `text_encoder(_2).`;
@@ -172,8 +176,11 @@ def build(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> 
     """The adapter of one module (None when it is skipped, with the reason in `skipped`)."""
     if fmt in (LYCORIS, OFFICIAL_ORTHO):
         return _ortho(path, fmt, name, g, skipped)
-    if fmt == EXPORT:
-        return _export(path, name, g, skipped)
+    if fmt in EXPORTS:
+        adapter = _export(path, name, g, skipped)
+        if adapter is not None and fmt == EXPORT_PEFT:
+            adapter = replace(adapter, name=re.sub(r"^(base_model\.model\.|unet\.|transformer\.)", "", name))
+        return adapter
     return _vanilla(path, fmt, name, g, skipped)
 
 

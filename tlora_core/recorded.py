@@ -21,7 +21,7 @@ Recorded = dict[str, tuple[float, str]]  # field -> (value, where it was found)
 META_KEYS = {
     "max_rank": ("linear_dim", "tlora_max_rank", "max_rank", "rank"),
     "min_rank": ("tlora_min_rank", "ss_tlora_min_rank", "min_rank"),
-    "alpha": ("tlora_alpha", "tlora_mask_alpha", "ss_tlora_alpha_rank_scale"),
+    "alpha": ("tlora_alpha", "tlora_mask_alpha", "ss_tlora_alpha_rank_scale", "alpha_rank_scale"),
 }
 _JSON_CONFIGS = ("lycoris_config", "tlora_config", "training_config", "ss_network_args")
 # descriptive metadata fields that may name the method; free text elsewhere (captions, tags, paths) never counts
@@ -59,6 +59,8 @@ def says_tlora(metadata: dict[str, str]) -> bool:
            str(cfg.get("source_algo", "")).lower().startswith("tlora") for cfg in configs):
         return True
     if metadata.get("ss_adapter_algorithm") == "timestep_lora":  # lora-scripts-next
+        return True
+    if any(str(cfg.get("use_timestep_mask", "")).lower() in ("true", "1") for cfg in configs):  # anima_lora
         return True
     return any(_TLORA_WORD.search(str(metadata.get(f, ""))) for f in _NAMING_FIELDS)
 

@@ -67,6 +67,8 @@ def standard_layout(metadata: dict[str, str], rank: int, choice: str = "auto") -
         return choice, f"standard_layout '{choice}' (set on the node)"
     dim = _dim(metadata)
     args = _json(metadata, "ss_network_args")
+    if metadata.get("ss_network_module") == ORANGEMAGIC_ANIMA and not any(k.startswith("ss_tlora_") for k in metadata):
+        return PAIRS, "the `_comfy` rank-2R export of networks.lora_tlora_anima (no ss_tlora_* settings)"
     says = any(str(cfg.get("algo", "")).lower() == "tlora"
                for cfg in (_json(metadata, "lycoris_config"), args))
     if says and dim is not None and rank % 2 == 0 and int(dim) * 2 == rank:
@@ -75,6 +77,11 @@ def standard_layout(metadata: dict[str, str], rank: int, choice: str = "auto") -
         return PAIRS, ("LyCORIS tlora export ('algo: tlora' in a standard layout); if ranks are not paired, set "
                        "standard_layout to 'ranks'")
     return RANKS, "one rank per index"
+
+
+ORANGEMAGIC_ANIMA = "networks.lora_tlora_anima"  # orangemagic123/sd-scripts
+_EVERY_RANK_PREVIEWS = ("its trainer samples with every rank (schedule_source 'all_ranks' to match its previews); "
+                        "the schedule runs it as it was trained")
 
 
 def _lora_scripts_next(metadata: dict[str, str], state: dict[str, float], rank: int) -> Writer:
@@ -107,6 +114,9 @@ def identify(fmt: str, names: set[str], metadata: dict[str, str], rank: int, sto
     """The writer of a file of format `fmt` (tlora_core.layouts) with these module names and metadata."""
     args = _json(metadata, "ss_network_args")
     module = metadata.get("ss_network_module", "")
+    if module == ORANGEMAGIC_ANIMA:  # t = sigma (first sample), int(), T = 1
+        return Writer("orangemagic_tlora_anima", "orangemagic123/sd-scripts (networks.lora_tlora_anima)",
+                      integer_timestep=False, assumed=_EVERY_RANK_PREVIEWS)
     if fmt in ("official_ortho", "official_vanilla"):
         return Writer("official", "ControlGenAI/T-LoRA (the paper's repository)")
     if fmt == "lycoris_tlora":
@@ -136,6 +146,11 @@ def identify(fmt: str, names: set[str], metadata: dict[str, str], rank: int, sto
                       assumed="min_rank and the exponent are not recorded: the trainer's defaults (1 and 1.0) are "
                               "assumed (AnimaLoraStudio's own previews run every rank: schedule_source "
                               "'all_ranks' for those)")
+    if module == "networks.lora_anima":  # sorryhyun/anima_lora: ranks i < the float rank, t = sigma (batch mean)
+        return Writer("anima_lora", "sorryhyun/anima_lora (use_timestep_mask)", curve=POWER_CEIL,
+                      integer_timestep=False, assumed=("min_rank and alpha_rank_scale are recorded only when given as "
+                                                       "network_args (else its defaults 1 and 1.0); " +
+                                                       _EVERY_RANK_PREVIEWS))
     return Writer("vanilla", "a vanilla T-LoRA in a standard LoRA layout",
                   assumed="the trainer is not recorded: LyCORIS' schedule (int(((T - t) / T) ** alpha * (R - Rmin)) "
                           "+ Rmin) with the sliders' min_rank and alpha")

@@ -34,10 +34,20 @@ def _orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
     return q.T.contiguous() if rows <= cols else q.contiguous()
 
 
-def ortho_factors(layer: Layer, rank: int, g: torch.Generator, strength: float = 0.3) -> dict[str, torch.Tensor]:
-    """q, p, lam (trained) and q0, p0, lam0 (the frozen base they started from), as 2-D / 1-D float32."""
-    q0, p0 = _orthonormal(rank, layer.in_features, g), _orthonormal(layer.out_features, rank, g)
-    lam0 = torch.rand(rank, generator=g) + 0.5
+def ortho_factors(layer: Layer, rank: int, g: torch.Generator, strength: float = 0.3,
+                  weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """q, p, lam (trained) and q0, p0, lam0 (the frozen base they started from), as 2-D / 1-D float32. The base is
+    the top-`rank` SVD of `weight` where given (the trainers' default data init; a conv's flattened weight, its
+    first `in` columns), else random orthonormal (their `use_data_init=False`)."""
+    if weight is not None:
+        u, sv, vh = torch.linalg.svd(weight.detach().double().reshape(weight.shape[0], -1), full_matrices=False)
+        k = min(rank, sv.shape[0])  # ranks beyond the weight's: zero vectors, lambda 1e-6 (as they pad)
+        q0, p0 = torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank)
+        q0[:k], p0[:, :k] = vh[:k, : layer.in_features].float(), u[:, :k].float()
+        lam0 = torch.cat([sv[:k].float(), torch.full((rank - k,), 1e-6)])
+    else:
+        q0, p0 = _orthonormal(rank, layer.in_features, g), _orthonormal(layer.out_features, rank, g)
+        lam0 = torch.rand(rank, generator=g) + 0.5
     return {"q": q0 + strength * torch.randn(q0.shape, generator=g) / math.sqrt(layer.in_features),
             "p": p0 + strength * torch.randn(p0.shape, generator=g) / math.sqrt(layer.out_features),
             "lam": lam0 * (1 + strength * torch.randn(rank, generator=g)), "q0": q0, "p0": p0, "lam0": lam0}
@@ -48,13 +58,13 @@ def _shaped(t: torch.Tensor, conv: bool) -> torch.Tensor:
 
 
 def write_ortho(path: str | Path, layers: list[Layer], rank: int, alpha: float, metadata: dict[str, str],
-                seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """A q/p/lambda file with its stored base (Enferlain: `.base_q`; 67372a: `.base_q` too, LyCORIS' buffer names).
-    Returns {module name: factors}."""
+                seed: int = 0, weights: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """A q/p/lambda file with its stored base (Enferlain: `.base_q`; 67372a: `.base_q` too, LyCORIS' buffer names),
+    the base from `weights[name]` where given. Returns {module name: factors}."""
     g = torch.Generator().manual_seed(seed)
     sd, out = {}, {}
     for layer in layers:
-        f = out[layer.name] = ortho_factors(layer, rank, g)
+        f = out[layer.name] = ortho_factors(layer, rank, g, weight=(weights or {}).get(layer.name))
         n = layer.name
         sd |= {f"{n}.q_layer.weight": _shaped(f["q"], layer.conv), f"{n}.p_layer.weight": _shaped(f["p"], layer.conv),
                f"{n}.lambda_layer": f["lam"][None].clone(), f"{n}.alpha": torch.tensor(float(alpha)),
@@ -72,16 +82,17 @@ def export_pairs(factors: dict[str, torch.Tensor], alpha: float) -> dict[str, to
 
 
 def write_export(path: str | Path, layers: list[Layer], rank: int, alpha: float, metadata: dict[str, str] | None,
-                 seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """A rank-2R export file (metadata None: none at all, as convert_tlora.py writes). Returns the ortho factors it
-    was exported from."""
+                 seed: int = 0, peft: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """A rank-2R export file (metadata None: none at all, as convert_tlora.py writes; `peft`: lora_A / lora_B, as
+    orangemagic123's `_comfy.safetensors`). Returns the ortho factors it was exported from."""
     g = torch.Generator().manual_seed(seed)
     sd, out = {}, {}
+    up_key, down_key = ("lora_B.weight", "lora_A.weight") if peft else ("lora_up.weight", "lora_down.weight")
     for layer in layers:
         f = out[layer.name] = ortho_factors(layer, rank, g)
         e = export_pairs(f, alpha)
-        sd |= {f"{layer.name}.lora_up.weight": _shaped(e["up"], layer.conv),
-               f"{layer.name}.lora_down.weight": _shaped(e["down"], layer.conv), f"{layer.name}.alpha": e["alpha"]}
+        sd |= {f"{layer.name}.{up_key}": _shaped(e["up"], layer.conv),
+               f"{layer.name}.{down_key}": _shaped(e["down"], layer.conv), f"{layer.name}.alpha": e["alpha"]}
     _save(path, sd, metadata)
     return out
 
@@ -122,6 +133,12 @@ def rank_anima_lora_studio(sigma: float, rank: int, min_rank: int = 1, alpha: fl
     t = torch.tensor(sigma).float().clamp(min=0.0, max=1.0)
     active = ((1.0 - t).pow(alpha) * (rank - min_rank) + min_rank).clamp(min=float(min_rank), max=float(rank))
     return int((torch.arange(rank) < active).sum())
+
+
+def rank_orangemagic(sigma: float, rank: int, min_rank: int, alpha: float) -> int:
+    """orangemagic123/sd-scripts lora_tlora_anima: clamp(int(((T - t) / T) ** a * (R - m)) + m, m, R), t = sigma,
+    T = 1."""
+    return min(max(int(((1.0 - sigma) / 1.0) ** alpha * (rank - min_rank)) + min_rank, min_rank), rank)
 
 
 def rank_lora_scripts_next(sigma: float, rank: int, min_rank: int, schedule: str) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MIN_RANK, RANK, ROOT, TLORA_ALPHA
+from tests.conftest import MIN_RANK, RANK, ROOT, SD_SCRIPTS_SDXL, TLORA_ALPHA
 from tlora_core.schedule import active_rank
 from tools.harness import workflow
 
@@ -149,6 +149,25 @@ def test_live_graph_follows_file_and_sliders(page, artifacts):
     s = _wait_schedule(page, (6, 3, 0.7))
     assert s["ranks"] == [active_rank(t, 6, 3, 0.7) for t in range(1000)]
     screenshot_loader(page, artifacts / "ui_loader_slider_schedule.png")
+
+
+def test_the_graph_follows_the_writers_rule_and_says_who_wrote_the_file(page, artifacts):
+    """An sd-scripts (67372a) file: the live graph starts at that trainer's default min_rank ceil(R/2) and names the
+    writer; a standard LoRA switched to standard_layout 'pairs' is read as LyCORIS' rank-2R export (half the rank)."""
+    import math
+
+    load_graph(page, json.loads((HERE / "tiny_sdxl_ui.json").read_text()))
+    _set(page, "lora_name", SD_SCRIPTS_SDXL)
+    s = _wait_schedule(page, (RANK, math.ceil(RANK / 2), 1.0))
+    assert s["ranks"] == [active_rank(t, RANK, math.ceil(RANK / 2), 1.0) for t in range(1000)]
+    assert "67372a" in s["note"], s["note"]
+    screenshot_loader(page, artifacts / "ui_loader_writer.png")
+    _set(page, "lora_name", "standard_lora.safetensors")  # rank 4, no marker: refused until asked
+    _set(page, "min_rank", 1)
+    _set(page, "standard_layout", "pairs")
+    s = _wait_schedule(page, (2, 1, 1.0))
+    assert "rank 2R" in s["note"] and not s["error"], s
+    _set(page, "standard_layout", "auto")
 
 
 def test_queue_from_the_ui_produces_an_image(page, server):

@@ -13,6 +13,7 @@ test_artifacts/<host>/writers.json for the README's writers table.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ def write_results():
 class Case:
     writer: str  # the writer id tlora_core.writers must name
     family: str  # the family it trains (tools/families, or "anima")
-    kind: str  # "ortho", "export" or "vanilla": the file layout (tools/writer_files)
+    kind: str  # "ortho", "export" (kohya names), "export_peft" or "vanilla": the file layout (tools/writer_files)
     names: Callable[[str], str]  # ComfyUI module path -> the writer's module name
     metadata: dict[str, str] | None
     rule: Callable[[float, int], int]  # (sigma, the trainer timestep of it) -> the writer's own active rank
@@ -101,6 +102,21 @@ CASES = {
                                     extra={".tlora_min_rank_state": torch.tensor(2.0, dtype=torch.bfloat16),
                                            ".tlora_rank_schedule_state": torch.tensor(0.0, dtype=torch.bfloat16)}),
 }
+CASES |= {
+    "orangemagic_anima": Case("orangemagic_tlora_anima", "anima", "ortho", _kohya,
+                              {"ss_network_module": "networks.lora_tlora_anima", "ss_tlora_min_rank": "2",
+                               "ss_tlora_alpha_rank_scale": "1.3", "ss_tlora_max_timestep": "1.0",
+                               "ss_tlora_init": "orthogonal", "ss_tlora_sig_type": "last"},
+                              lambda s, t: wf.rank_orangemagic(s, R, 2, 1.3)),
+    "orangemagic_anima_comfy": Case("orangemagic_tlora_anima", "anima", "export_peft",
+                                    lambda path: path, {"ss_network_module": "networks.lora_tlora_anima"},
+                                    lambda s, t: wf.rank_orangemagic(s, R, 1, 1.0)),
+    "anima_lora": Case("anima_lora", "anima", "vanilla", _kohya,
+                       {"ss_network_module": "networks.lora_anima", "ss_network_spec": "ortho",
+                        "ss_network_args": json.dumps({"use_timestep_mask": "true", "min_rank": "2",
+                                                       "alpha_rank_scale": "1.5"})},
+                       lambda s, t: wf.rank_anima_lora_studio(s, R, 2, 1.5)),
+}
 ANIMA_CASES = {k for k, c in CASES.items() if c.family == "anima"}
 
 
@@ -144,10 +160,11 @@ def _write(case: Case, layers: dict[str, torch.nn.Module], path) -> dict[str, di
     """The case's file; returns {ComfyUI module path: factors}."""
     spec = [wf.Layer(case.names(p), m.weight.shape[0], m.weight.shape[1], isinstance(m, torch.nn.Conv2d))
             for p, m in layers.items()]
-    if case.kind == "ortho":
-        fac = wf.write_ortho(path, spec, R, ALPHA, case.metadata or {}, seed=5)
-    elif case.kind == "export":
-        fac = wf.write_export(path, spec, R, ALPHA, case.metadata, seed=5)
+    if case.kind == "ortho":  # the base: the SVD of the layer's weight, as these trainers initialise it
+        weights = {case.names(p): m.weight for p, m in layers.items()}
+        fac = wf.write_ortho(path, spec, R, ALPHA, case.metadata or {}, seed=5, weights=weights)
+    elif case.kind in ("export", "export_peft"):
+        fac = wf.write_export(path, spec, R, ALPHA, case.metadata, seed=5, peft=case.kind == "export_peft")
     else:
         fac = wf.write_vanilla(path, spec, R, ALPHA, case.metadata or {}, seed=5, extra=case.extra)
     return {p: fac[case.names(p)] for p in layers}
@@ -214,7 +231,7 @@ class Probe:
 
 
 @pytest.mark.parametrize("name", _available())
-def test_writer_file_runs_as_its_trainer_ran_it(pack, name, tmp_path):
+def test_writer_file_runs_as_its_trainer_ran_it(pack, name, tmp_path, caplog):
     case = CASES[name]
     patcher, x, conds = _build(case.family)
     layers = _layers(patcher, case.family, case.convs)
@@ -228,7 +245,11 @@ def test_writer_file_runs_as_its_trainer_ran_it(pack, name, tmp_path):
         (plan.unmatched[:4], plan.skipped)
     r, mr, al, why = pack.engine.resolve_schedule(tl, "file", 0, 1, 1.0)  # the node's defaults
     apply = pack.engine.apply
-    clone, app = apply.apply_tlora(patcher, tl, apply.Settings(1.0, r, mr, al))
+    with caplog.at_level(logging.INFO, logger="tlora"):
+        clone, app = apply.apply_tlora(patcher, tl, apply.Settings(1.0, r, mr, al))
+    warnings = [rec.getMessage() for rec in caplog.records
+                if rec.levelno >= logging.WARNING and rec.name.startswith("tlora")]
+    assert not warnings, warnings  # a trainer's stored base is its SVD init of this very checkpoint: it fits
     conv = next((p for p, m in layers.items() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)), None)
     probes = {p: Probe(layers[p]) for p in {next(iter(layers)), *([conv] if conv else [])}}
     result: dict[str, dict] = {"rank": {}, "effect": {}, "layers": {}}
@@ -246,7 +267,7 @@ def test_writer_file_runs_as_its_trainer_ran_it(pack, name, tmp_path):
             out = capture(clone, x, sigma, conds)
             for p in probes.values():
                 p.on = False
-            with Hooks(layers, factors, case.kind) as hooks, torch.no_grad():
+            with Hooks(layers, factors, case.kind.removesuffix("_peft")) as hooks, torch.no_grad():
                 effects = {}
                 for rr in {want - 1, want, want + 1} & set(range(R + 1)):
                     hooks.rank = rr
@@ -259,9 +280,10 @@ def test_writer_file_runs_as_its_trainer_ran_it(pack, name, tmp_path):
                     assert rel_l2(got, eff) > 100 * TOL, f"t={t}: rank {rr} looks like rank {want}"
             errs = []
             for path_, p in probes.items():
-                errs.append(p.error(case.kind, factors[path_], want))
+                kind = case.kind.removesuffix("_peft")
+                errs.append(p.error(kind, factors[path_], want))
                 for rr in {want - 1, want + 1} & set(range(R + 1)):
-                    assert p.error(case.kind, factors[path_], rr) > 100 * TOL, f"t={t} {path_}: rank {rr}"
+                    assert p.error(kind, factors[path_], rr) > 100 * TOL, f"t={t} {path_}: rank {rr}"
             result["layers"][t] = max(errs)
     finally:
         for p in probes.values():

@@ -141,6 +141,14 @@ IDENTIFIED = {
     "lsn_linear": ("vanilla", {**LSN, "ss_adapter_algorithm": "timestep_lora", "ss_tlora_rank_schedule": "linear"},
                    "lora_scripts_next", "linear", False, (1, "default")),
     "lsn_unmasked": ("vanilla", LSN, "lora_scripts_next_unmasked", "power", True, (4, "trained")),
+    "orangemagic_ortho": ("ortho", {"ss_network_module": "networks.lora_tlora_anima", "ss_tlora_min_rank": "2",
+                                    "ss_tlora_alpha_rank_scale": "1.3"}, "orangemagic_tlora_anima", "power", False,
+                          (2, "metadata")),
+    "orangemagic_comfy": ("export", {"ss_network_module": "networks.lora_tlora_anima"}, "orangemagic_tlora_anima",
+                          "power", False, (1, "default")),
+    "anima_lora": ("vanilla", {"ss_network_module": "networks.lora_anima", "ss_network_args": json.dumps(
+        {"use_timestep_mask": "true", "min_rank": "2", "alpha_rank_scale": "1.5"})}, "anima_lora", "power_ceil",
+                   False, (2, "metadata")),
     "vanilla_marked": ("vanilla", {"training_config": json.dumps({"tlora_min_rank": 2})}, "vanilla", "power", True,
                        (2, "metadata")),
 }
@@ -212,10 +220,11 @@ def test_standard_layout_choice_is_checked(tmp_path):
     save_file(sd, str(odd))
     with pytest.raises(TLoRAError, match="odd rank 3"):
         load_tlora(odd, standard_layout="pairs")
-    peft = tmp_path / "peft.safetensors"
-    save_file({"a.lora_A.weight": torch.ones(4, 8), "a.lora_B.weight": torch.ones(8, 4)}, str(peft))
-    with pytest.raises(TLoRAError, match="peft layout"):
-        load_tlora(peft, standard_layout="pairs")
+    peft = tmp_path / "peft.safetensors"  # the export in PEFT names (orangemagic123's `_comfy` sibling)
+    save_file({"diffusion_model.a.lora_A.weight": torch.ones(4, 8),
+               "diffusion_model.a.lora_B.weight": torch.ones(8, 4)}, str(peft))
+    tl = load_tlora(peft, standard_layout="pairs")
+    assert tl.format == "lycoris_export_peft" and tl.rank == 2 and "diffusion_model.a" in tl.modules
 
 
 @pytest.mark.parametrize("rank, min_rank, alpha", [(8, 1, 1.0), (8, 3, 1.0), (16, 4, 1.7), (32, 1, 0.5)])
