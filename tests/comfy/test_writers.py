@@ -62,7 +62,18 @@ def _enferlain(component: str) -> Callable[[str], str]:
     return lambda path: f"tlora_{component}_" + path.removeprefix("diffusion_model.").replace(".", "_")
 
 
+def _enferlain_sd15(path: str) -> str:
+    """Enferlain's SD 1.5 UNet (kohya's original_unet) has diffusers module names: ComfyUI's path mapped back."""
+    return "tlora_unet_" + _SD15_NAMES[path.removeprefix("diffusion_model.")].replace(".", "_")
+
+
+_SD15_NAMES: dict[str, str] = {}  # ComfyUI module path -> diffusers module path (filled for the SD 1.5 model)
+
+
 CASES = {
+    "enferlain_sd15": Case("enferlain", "sd15", "ortho", _enferlain_sd15,
+                           {"ss_adapter_module": "library.adapters.tlora"},
+                           lambda s, t: wf.rank_lycoris(t, R, 1, 1.0), convs=True),
     "enferlain_sdxl": Case("enferlain", "sdxl", "ortho", _enferlain("unet"),
                            {"ss_adapter_module": "library.adapters.tlora", "ss_adapter_rank": str(R),
                             "ss_adapter_alpha": str(ALPHA)},
@@ -139,6 +150,12 @@ def _build(family: str):
     fam = families.FAMILIES[family]
     twin = fam.build(11)
     x, conds = fam.inputs(twin, g)
+    if family == "sd15":
+        import comfy.utils
+
+        names = comfy.utils.unet_to_diffusers(twin.patcher.model.model_config.unet_config)
+        _SD15_NAMES.update({v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in names.items()
+                            if k.endswith(".weight")})
     return twin.patcher, x, conds
 
 
@@ -255,7 +272,7 @@ def test_writer_file_runs_as_its_trainer_ran_it(pack, name, tmp_path, caplog):
     result: dict[str, dict] = {"rank": {}, "effect": {}, "layers": {}}
     try:
         for t in TIMESTEPS:
-            sigma = sigma_for(patcher, t, case.family != "sdxl")
+            sigma = sigma_for(patcher, t, case.family not in ("sd15", "sdxl"))
             _, ranks = app.state.ranks_for(sigma, patcher.model.model_sampling)
             want = case.rule(float(sigma), t)
             assert ranks == [want], f"t={t} sigma={float(sigma):.4f}: rank {ranks}, {case.writer}'s rule {want}"
