@@ -56,14 +56,15 @@ def sampler_call_sigmas(model_sampling, sampler_name: str, sigmas: torch.Tensor)
     return [float(s) for s in sigmas[:-1]], False
 
 
-def plot(max_rank: int, min_rank: int, alpha: float, calls: list[tuple[int, int]] | None) -> torch.Tensor:
+def plot(max_rank: int, min_rank: int, alpha: float, calls: list[tuple[int, int]] | None,
+         curve: str = schedule.POWER) -> torch.Tensor:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ts = np.arange(0, schedule.MAX_TIMESTEP + 1)
-    ranks = [schedule.active_rank(t, max_rank, min_rank, alpha) for t in ts]
+    ranks = [schedule.active_rank(t, max_rank, min_rank, alpha, curve=curve) for t in ts]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     ax.step(ts, ranks, where="post", color="#3b82f6", lw=2, label="active rank r(t)")
     if calls:
@@ -73,7 +74,8 @@ def plot(max_rank: int, min_rank: int, alpha: float, calls: list[tuple[int, int]
     ax.set_ylim(0, max_rank * 1.05 + 0.5)
     ax.set_xlabel("timestep t (noise \u2192 clean)")
     ax.set_ylabel("active ranks")
-    ax.set_title(f"T-LoRA schedule: max_rank {max_rank}, min_rank {min_rank}, alpha {alpha:g}")
+    ax.set_title(f"T-LoRA schedule: max_rank {max_rank}, min_rank {min_rank}, alpha {alpha:g}"
+                 + ("" if curve == schedule.POWER else f", {curve}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
@@ -113,6 +115,10 @@ class TLoRASchedulePreview(io.ComfyNode):
                                tooltip="Denoise strength; < 1 starts part-way (img2img)."),
                 io.Combo.Input("timestep_mode", options=list(timesteps.MODES), default=timesteps.AUTO,
                                tooltip="How sigma becomes the trainer's timestep; auto picks by model type."),
+                io.Combo.Input("curve", options=list(schedule.CURVES), default=schedule.POWER, optional=True,
+                               tooltip="The trainer's rank curve: power (LyCORIS, SimpleTuner, the official repo, "
+                                       "sd-scripts forks), power_ceil (AnimaLoraStudio), linear / cosine "
+                                       "(lora-scripts-next). Load T-LoRA picks it from the file."),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE",
@@ -124,16 +130,17 @@ class TLoRASchedulePreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, max_rank, min_rank, alpha, sampler_name, scheduler, steps, denoise, timestep_mode,
-                model=None) -> io.NodeOutput:
+                model=None, curve=schedule.POWER) -> io.NodeOutput:
         schedule.validate(max_rank, min_rank, alpha)
-        table = {"max_rank": max_rank, "min_rank": min_rank, "alpha": alpha,
-                 "schedule": schedule.schedule_table(max_rank, min_rank, alpha, [0, 250, 500, 750, 999])}
+        table = {"max_rank": max_rank, "min_rank": min_rank, "alpha": alpha, "curve": curve,
+                 "schedule": schedule.schedule_table(max_rank, min_rank, alpha, [0, 250, 500, 750, 999], curve)}
         calls = None
         if model is not None:
             ms = model.get_model_object("model_sampling")
             sigmas = step_sigmas(ms, scheduler, steps, denoise)
             call_sigmas, simulated = sampler_call_sigmas(ms, sampler_name, sigmas)
-            state = RankState("preview", max_rank, min_rank, alpha, timestep_mode)
+            # the sigma trainers' curves take sigma unrounded
+            state = RankState("preview", max_rank, min_rank, alpha, timestep_mode, curve == schedule.POWER, curve)
             rows = []
             for s in call_sigmas:
                 ts, rs = state.ranks_for(torch.tensor([s]), ms)
@@ -141,6 +148,6 @@ class TLoRASchedulePreview(io.ComfyNode):
             table.update(sampler=sampler_name, scheduler=scheduler, steps=steps, denoise=denoise,
                          timestep_mode=timesteps.resolve(timestep_mode, ms)[0], simulated=simulated, calls=rows)
             calls = [(r["t"], r["rank"]) for r in rows]
-        image, text = plot(max_rank, min_rank, alpha, calls), json.dumps(table)
+        image, text = plot(max_rank, min_rank, alpha, calls, curve), json.dumps(table)
         # the plot and the table on the node itself, like ComfyUI's own preview outputs
         return io.NodeOutput(image, text, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": [text]})

@@ -357,3 +357,20 @@ def test_first_load_counts_its_layers_on_comfys_progress_bar(server, tiny):
     assert progress, "the loader sent no progress"
     assert progress[-1] == (modules, modules), progress[-5:]
     assert [v for v, _ in progress] == sorted(v for v, _ in progress)
+
+
+def test_schedule_preview_draws_a_trainers_own_curve(server, tiny):
+    """With `curve` (lora-scripts-next's cosine here) the table and every sampler call follow that curve."""
+    info = server.get("/object_info")
+    prompt = workflow.substitute_tiny(workflow.to_api(workflow.load(WF / "tlora_schedule_preview.json"), info),
+                                      sdxl_files(tiny), SDXL_COND,
+                                      {"TLoRASchedulePreview": {"steps": 5, "max_rank": RANK, "min_rank": MIN_RANK,
+                                                                "alpha": 1.0, "curve": "cosine"}})
+    node = next(k for k, v in prompt.items() if v["class_type"] == "TLoRASchedulePreview")
+    table = json.loads(server.run(prompt)["outputs"][node]["text"][0])
+    assert table["curve"] == "cosine"
+    assert table["schedule"] == [[t, schedule.active_rank(t, RANK, MIN_RANK, 1.0, curve="cosine")]
+                                 for t in (0, 250, 500, 750, 999)]
+    assert table["schedule"] != [[t, schedule.active_rank(t, RANK, MIN_RANK, 1.0)] for t in (0, 250, 500, 750, 999)]
+    for c in table["calls"]:
+        assert c["rank"] == schedule.active_rank(c["t"], RANK, MIN_RANK, 1.0, curve="cosine")
