@@ -69,15 +69,16 @@ def _check_settings(patcher, tl: TLoRA, s: Settings) -> str:
         raise TLoRAError(tl.path, str(e)) from None
 
 
-def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None):
-    """A clone of `patcher` with the T-LoRA attached, and the application; the input patcher is never modified."""
+def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None, strength_rule=None):
+    """A clone of `patcher` with the T-LoRA attached, and the application; the input patcher is never modified.
+    `strength_rule` (sigma -> multiplier): a scheduled LoRA's strength at each call (engine.scheduled)."""
     name = os.path.basename(tl.path)
     how = _check_settings(patcher, tl, settings)
     p = plan(patcher, tl)
     device = comfy.model_management.get_torch_device()
     prepared = bases.prepare(patcher, tl, p.targets, file_key(tl.path), svd_cache(), device, progress)
     state = RankState(name, settings.max_rank, settings.min_rank, settings.alpha, settings.mode, tl.integer_timestep,
-                      tl.curve)
+                      tl.curve, strength_rule)
     state.width = max(settings.max_rank, tl.rank)
     # this application's own factors, in the model's compute dtype, on the offload device until ComfyUI loads them
     # with the model (they are counted by its memory planner as an additional model of the clone)

@@ -16,6 +16,7 @@ import os
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import comfy.patcher_extension
@@ -58,12 +59,14 @@ class RankState:
     """The schedule of one T-LoRA application, and the rank of the model call in progress on each thread."""
 
     def __init__(self, name: str, max_rank: int, min_rank: int, alpha: float, mode: str, integer_t: bool = True,
-                 curve: str = schedule.POWER):
+                 curve: str = schedule.POWER, strength_rule: Callable[[float], float] | None = None):
         schedule.validate(max_rank, min_rank, alpha)
         if curve not in schedule.CURVES:
             raise ValueError(f"curve must be one of {', '.join(schedule.CURVES)}, got {curve!r}")
         self.name, self.max_rank, self.min_rank, self.alpha, self.mode = name, max_rank, min_rank, alpha, mode
         self.integer_t, self.curve = integer_t, curve
+        self.strength_rule = strength_rule  # sigma -> strength multiplier (a scheduled LoRA), None = 1
+        self._scales: dict[tuple[float, ...], list[float]] = {}
         self.width = max_rank  # ranks the call's mask spans: the largest adapter rank (may exceed a max_rank override)
         self.active = ActiveRank()
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -98,20 +101,34 @@ class RankState:
             rule.memo[key] = hit
         return hit
 
-    def mask(self, ranks: list[int], device: torch.device) -> torch.Tensor:
-        """The call's rank mask for compiled models, made once per (ranks, device): no copy to the device per call."""
-        key = (tuple(ranks), device)
+    def scales_for(self, sigma: torch.Tensor) -> list[float] | None:
+        """Each item's strength multiplier (a scheduled LoRA), memoised per sigmas; None without a strength rule."""
+        if self.strength_rule is None:
+            return None
+        key = tuple(sigma.detach().float().reshape(-1).tolist())
+        hit = self._scales.get(key)
+        if hit is None:
+            if len(self._scales) > 4096:
+                self._scales.clear()
+            hit = self._scales[key] = [self.strength_rule(s) for s in key]
+        return hit
+
+    def mask(self, ranks: list[int], device: torch.device, scales: list[float] | None = None) -> torch.Tensor:
+        """The call's rank mask (times its strengths) for compiled models, made once per (ranks, strengths, device):
+        no copy to the device per call."""
+        key = (tuple(ranks), None if scales is None else tuple(scales), device)
         hit = self._masks.get(key)
         if hit is None:
             if len(self._masks) > 256:
                 self._masks.clear()
-            hit = self._masks[key] = rank_mask(ranks, self.width, device)
+            hit = self._masks[key] = rank_mask(ranks, self.width, device, scales)
         return hit
 
-    def write_trace(self, sigma: torch.Tensor, ts: list[float], ranks: list[int]) -> None:
+    def write_trace(self, sigma: torch.Tensor, ts: list[float], ranks: list[int],
+                    scales: list[float] | None = None) -> None:
         line = json.dumps({"lora": self.name, "sigma": sigma.detach().float().reshape(-1).tolist(),
                            "t": ts, "rank": ranks, "max_rank": self.max_rank, "min_rank": self.min_rank,
-                           "alpha": self.alpha, "curve": self.curve})
+                           "alpha": self.alpha, "curve": self.curve, "strength": scales})
         assert self.trace_path is not None
         with _trace_lock, open(self.trace_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -192,9 +209,10 @@ class TLoRAApplication:
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
         st = self.state
         ts, ranks = st.ranks_for(t, executor.class_obj.model_sampling)
-        prev = st.active.set(ranks, st.mask(ranks, x.device))
+        scales = st.scales_for(t)
+        prev = st.active.set(ranks, st.mask(ranks, x.device, scales), scales)
         if st.trace_path:
-            st.write_trace(t, ts, ranks)
+            st.write_trace(t, ts, ranks, scales)
         try:
             return executor(x, t, *args, **kwargs)
         finally:

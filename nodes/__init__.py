@@ -6,9 +6,11 @@ from .loader import TLoRALoader
 from .preview import TLoRASchedulePreview
 from .routes import register
 from .save import TLoRASaveWithBase
+from .scheduled import TLoRAScheduledLoRA
 from .train import TLoRATrain
 
-NODES: list[type[io.ComfyNode]] = [TLoRALoader, TLoRASchedulePreview, TLoRASaveWithBase, TLoRATrain]
+NODES: list[type[io.ComfyNode]] = [TLoRALoader, TLoRASchedulePreview, TLoRASaveWithBase, TLoRATrain,
+                                   TLoRAScheduledLoRA]
 
 
 register()

@@ -257,4 +257,7 @@ def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) 
         alpha = _alpha(path, name, g.get("alpha"), r)
         return ModuleAdapter(name=name, kind=VANILLA, up=up, down=down, scale=alpha / r, conv=conv_d or conv_u)
     target = re.sub(r"^(base_model\.model\.|unet\.|transformer\.|diffusion_model\.)", "", name)
-    return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=1.0, conv=conv_d or conv_u)
+    # PEFT keeps lora_alpha / r in its adapter config (scale 1 here); an `.alpha` tensor beside the factors is
+    # read as ComfyUI reads it
+    scale = 1.0 if g.get("alpha") is None else _alpha(path, name, g["alpha"], r) / r
+    return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=scale, conv=conv_d or conv_u)

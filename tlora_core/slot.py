@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .adapter import Factors, ModuleAdapter
 
-Saved = tuple[int | None, list[int] | None, torch.Tensor | None]
+Saved = tuple[int | None, list[int] | None, torch.Tensor | None, list[float] | None]
 
 
 class ActiveRank(threading.local):
@@ -27,22 +27,29 @@ class ActiveRank(threading.local):
     rank: int | None = None
     sample_ranks: list[int] | None = None
     mask: torch.Tensor | None = None
+    # per-item strength multipliers of a scheduled LoRA (None: 1); folded into `mask` for compiled models
+    scales: list[float] | None = None
 
-    def set(self, ranks: list[int], mask: torch.Tensor) -> Saved:
+    def set(self, ranks: list[int], mask: torch.Tensor, scales: list[float] | None = None) -> Saved:
         """Publish one call's per-item ranks (and the same as a mask, see `rank_mask`); returns what to `restore`."""
-        prev = self.rank, self.sample_ranks, self.mask
+        prev = self.rank, self.sample_ranks, self.mask, self.scales
         self.rank = max(ranks)
         self.sample_ranks = None if len(set(ranks)) == 1 else ranks
         self.mask = mask
+        self.scales = scales
         return prev
 
     def restore(self, prev: Saved) -> None:
-        self.rank, self.sample_ranks, self.mask = prev
+        self.rank, self.sample_ranks, self.mask, self.scales = prev
 
 
-def rank_mask(ranks: list[int], width: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(items, width) 0/1: the first `ranks[i]` ranks of item i."""
-    return (torch.arange(width)[None, :] < torch.tensor(ranks)[:, None]).float().to(device)
+def rank_mask(ranks: list[int], width: int, device: torch.device | str | None = None,
+              scales: list[float] | None = None) -> torch.Tensor:
+    """(items, width): the first `ranks[i]` ranks of item i, times its strength multiplier (1 without `scales`)."""
+    mask = (torch.arange(width)[None, :] < torch.tensor(ranks)[:, None]).float()
+    if scales is not None:
+        mask = mask * torch.tensor(scales, dtype=torch.float32)[:, None]
+    return mask.to(device)
 
 
 class FactorStore(torch.nn.Module):
@@ -112,7 +119,11 @@ class LayerSlot:
         if torch.compiler.is_compiling():
             return self._static(x, y, act.mask)
         r = self.rank if act.rank is None else min(act.rank, self.rank)
-        if r <= 0 or self.strength == 0:
+        strength = self.strength
+        scales = act.scales
+        if scales is not None and len(set(scales)) == 1:  # one strength for the whole call
+            strength, scales = strength * scales[0], None
+        if r <= 0 or strength == 0:
             return y
         down, up_t, k = self.factors.get(x.dtype, x.device)
         n = k * r
@@ -121,12 +132,16 @@ class LayerSlot:
             h = _fit(F.conv2d(x, down[:n, :, None, None], None, **self.conv), y)
             if ranks is not None:
                 h = h * sample_mask(ranks, self.rank, h, n, k, 1)
-            return y + self.strength * F.conv2d(h, up_t[:n].T[:, :, None, None])
+            if scales is not None:
+                h = h * sample_scale(scales, h)
+            return y + strength * F.conv2d(h, up_t[:n].T[:, :, None, None])
         h = F.linear(x, down[:n])
         if ranks is not None:
             h = h * sample_mask(ranks, self.rank, h, n, k, -1)
+        if scales is not None:
+            h = h * sample_scale(scales, h)
         if not y.is_contiguous() or y.dtype != h.dtype:
-            d = ((h @ up_t[:n]) * self.strength).to(y.dtype)
+            d = ((h @ up_t[:n]) * strength).to(y.dtype)
             if self.out_slice is None:
                 return y + d
             y = y.clone()
@@ -136,7 +151,7 @@ class LayerSlot:
         y2 = y.view(-1, y.shape[-1])
         if self.out_slice is not None:
             y2 = y2.narrow(1, *self.out_slice)
-        y2.addmm_(h.reshape(-1, n), up_t[:n], alpha=self.strength)
+        y2.addmm_(h.reshape(-1, n), up_t[:n], alpha=strength)
         return y
 
 
@@ -172,6 +187,15 @@ def _fit(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if h.shape[2:] == y.shape[2:]:
         return h
     return h[..., : y.shape[-2], : y.shape[-1]]
+
+
+def sample_scale(scales: list[float], h: torch.Tensor) -> torch.Tensor:
+    """Each batch item's strength multiplier, shaped to broadcast over `h` (items of one sigma are consecutive)."""
+    b = h.shape[0]
+    if b % len(scales):
+        raise RuntimeError(f"scheduled LoRA: batch of {b} does not divide into {len(scales)} sigmas")
+    per = torch.tensor(scales, device=h.device, dtype=h.dtype).repeat_interleave(b // len(scales))
+    return per.reshape([b] + [1] * (h.ndim - 1))
 
 
 def sample_mask(ranks: list[int], max_rank: int, h: torch.Tensor, n: int, k: int, dim: int) -> torch.Tensor:

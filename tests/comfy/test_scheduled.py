@@ -1,0 +1,133 @@
+"""Load LoRA (timestep schedule): a standard LoRA at each model call's strength, against ComfyUI's own LoraLoader.
+
+For SD 1.5 and SDXL (kohya names), Flux.1 (diffusers names: row slices of the fused qkv) and Wan 2.1 (ComfyUI's
+`diffusion_model.` names, PEFT lora_A / lora_B): a seeded LoRA of every Linear ComfyUI's key map knows; the stock
+route is `comfy.sd.load_lora_for_models` (weights patched) at the strength the curve gives, the pack's the per-call
+slots. At constant strength over the whole range the two outputs agree to fp32 round-off; on a curve, every call
+agrees with stock at that call's strength, and outside the range the output is the base model's exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tools import families
+from tools.families.base import capture, rel_l2
+
+R, ALPHA, STRENGTH = 4, 2.0, 0.8
+TOL = 1e-4  # relative L2 of the effect: patched weights against activation-space slots, both fp32
+FAMILIES = ("sd15", "sdxl", "flux", "wan21")
+
+
+def _lora(patcher, family: str) -> dict[str, torch.Tensor]:
+    """A seeded standard LoRA in the names a LoRA of this family has: kohya for the UNets, diffusers (PEFT) for
+    Flux, ComfyUI's own `diffusion_model.` names (PEFT) for Wan."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    g = torch.Generator().manual_seed(3)
+    prefix = {"sd15": "lora_unet_", "sdxl": "lora_unet_", "flux": "transformer.", "wan21": "diffusion_model."}[family]
+    weights = patcher.model.state_dict()
+    sd, seen = {}, set()
+    for name, target in key_map.items():
+        if not name.startswith(prefix) or (family == "wan21" and name.startswith("diffusion_model.") and
+                                           not name.startswith("diffusion_model.blocks.")):
+            continue
+        key = target if isinstance(target, str) else target[0]
+        w = weights.get(key)
+        if w is None or w.ndim != 2 or str(target) in seen:  # one name per weight (or slice), as a file has
+            continue
+        seen.add(str(target))
+        out = w.shape[0] if isinstance(target, str) or target[1] is None else target[1][2]
+        down = torch.randn(R, w.shape[1], generator=g) / math.sqrt(w.shape[1])
+        up = 0.5 * torch.randn(out, R, generator=g) / math.sqrt(R)
+        if prefix == "lora_unet_":
+            sd |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(ALPHA)}
+        else:
+            sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up, f"{name}.alpha": torch.tensor(ALPHA)}
+    assert len(sd) >= 3 * 8, f"{family}: only {len(sd) // 3} modules"
+    return sd
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request, tmp_path_factory):
+    families.base.import_comfy()
+    fam = families.FAMILIES[request.param]
+    twin = fam.build(21)
+    x, conds = fam.inputs(twin, torch.Generator().manual_seed(5))
+    from safetensors.torch import save_file
+
+    sd = _lora(twin.patcher, request.param)
+    path = tmp_path_factory.mktemp("loras") / f"{request.param}_lora.safetensors"
+    save_file(sd, str(path))
+    return request.param, twin.patcher, x, conds, sd, path
+
+
+def _stock(patcher, sd, strength):
+    import comfy.sd
+
+    model, _ = comfy.sd.load_lora_for_models(patcher, None, sd, strength, 0)
+    return model
+
+
+def test_constant_strength_equals_stock_lora_loader(pack, setup):
+    family, patcher, x, conds, sd, path = setup
+    tl = pack.engine.scheduled.read_lora(str(path))
+    plan = pack.engine.plan.plan(patcher, tl)
+    assert not plan.unmatched and len(plan.targets) == len(sd) // 3
+    curve = pack.tlora_core.strength.StrengthCurve(0.0, 1.0, 1.0, 1.0, "constant")
+    ours, app = pack.engine.scheduled.apply_scheduled_lora(patcher, tl, STRENGTH, curve)
+    stock = _stock(patcher, sd, STRENGTH)
+    ms = patcher.get_model_object("model_sampling")
+    for pct in (0.02, 0.5, 0.97):
+        sigma = torch.tensor([float(ms.percent_to_sigma(pct))])
+        base = capture(patcher, x, sigma, conds).out
+        want = capture(stock, x, sigma, conds).out
+        got = capture(ours, x, sigma, conds).out
+        assert rel_l2(want, base) > 1e-3, f"{family}: the LoRA has no measurable effect"
+        assert rel_l2(got - base, want - base) < TOL, (family, pct, rel_l2(got - base, want - base))
+
+
+def test_every_call_gets_the_curves_strength(pack, setup):
+    """A linear fade from 0.2 to 0.9 between 30 % and 80 % of the sampling: each call equals stock LoraLoader at
+    strength_model times the curve at that call; before 30 % and from 80 % on, the base model exactly."""
+    family, patcher, x, conds, sd, path = setup
+    strength = pack.tlora_core.strength
+    curve = strength.StrengthCurve(0.3, 0.8, 0.2, 0.9, "linear")
+    ours, app = pack.engine.scheduled.apply_scheduled_lora(patcher, pack.engine.scheduled.read_lora(str(path)),
+                                                           STRENGTH, curve)
+    ms = patcher.get_model_object("model_sampling")
+    for pct in (0.1, 0.3, 0.45, 0.62, 0.79, 0.8, 0.9):
+        sigma = torch.tensor([float(ms.percent_to_sigma(pct))])
+        s = app.state.scales_for(sigma)[0]
+        want_s = strength.strength_at(curve, pct) if 0.3 <= pct < 0.8 else 0.0
+        assert s == pytest.approx(want_s, abs=1e-6), (family, pct, s)
+        base = capture(patcher, x, sigma, conds).out
+        got = capture(ours, x, sigma, conds).out
+        if want_s == 0.0:
+            assert torch.equal(got, base), (family, pct)
+            continue
+        want = capture(_stock(patcher, sd, STRENGTH * want_s), x, sigma, conds).out
+        assert rel_l2(got - base, want - base) < TOL, (family, pct, rel_l2(got - base, want - base))
+
+
+def test_per_item_strengths_in_one_batch(pack, setup):
+    """Two items at two sigmas in one call: each gets its own strength."""
+    family, patcher, x, conds, sd, path = setup
+    curve = pack.tlora_core.strength.StrengthCurve(0.0, 1.0, 0.0, 1.0, "linear")
+    ours, app = pack.engine.scheduled.apply_scheduled_lora(patcher, pack.engine.scheduled.read_lora(str(path)),
+                                                           1.0, curve)
+    ms = patcher.get_model_object("model_sampling")
+    sigmas = torch.tensor([float(ms.percent_to_sigma(0.25)), float(ms.percent_to_sigma(0.75))])
+    scales = app.state.scales_for(sigmas)
+    assert scales == pytest.approx([0.25, 0.75], abs=1e-6)
+    xb = torch.cat([x, x])
+    cb = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v for k, v in conds.items()}
+    got = capture(ours, xb, sigmas, cb).out
+    for i, (sig, s) in enumerate(zip(sigmas, scales, strict=True)):
+        want = capture(_stock(patcher, sd, s), x, sig[None], conds).out
+        base = capture(patcher, x, sig[None], conds).out
+        assert rel_l2(got[i:i + 1] - base, want - base) < TOL, (family, i)
