@@ -20,8 +20,9 @@ export function wrap(ctx, text, width) {
   return lines;
 }
 
-// s: { ranks (per integer t, or null), maxRank, alpha, error, note }; `loud`: the error comes from the server (red).
-export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
+// A line over the sampling, noise on the left: s = { values (left to right, or null), yMin, yMax, head, left,
+// right, note, error }; `loud`: the error comes from the server (red).
+export function drawSeries(ctx, s, width, y, loud = false) {
   const pad = 10;
   const x0 = pad, x1 = width - pad, y0 = y + 4, y1 = y + GRAPH_HEIGHT - 14;
   ctx.save();
@@ -29,44 +30,51 @@ export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
   ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
   ctx.font = "10px sans-serif";
   ctx.fillStyle = "#aaa";
-  if (!s || !s.ranks) {
+  if (!s || !s.values) {
     ctx.fillStyle = s?.error && loud ? "#f87171" : "#aaa";
     const lines = wrap(ctx, s?.error ?? "…", x1 - x0 - 12).slice(0, 7);
     lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 14 + 13 * i));
     ctx.restore();
     return;
   }
+  const lo = s.yMin ?? 0, hi = s.yMax > lo ? s.yMax : lo + 1;
   ctx.strokeStyle = "#3b82f6";
   ctx.lineWidth = 2;
   ctx.beginPath();
-  const n = s.ranks.length;
+  const n = s.values.length;
   for (let i = 0; i < n; i++) {
-    const t = n - 1 - i;
     const px = x0 + ((x1 - x0) * i) / (n - 1);
-    const py = y1 - ((y1 - y0 - 4) * s.ranks[t]) / s.maxRank;
+    const py = y1 - ((y1 - y0 - 4) * (s.values[i] - lo)) / (hi - lo);
     i === 0 ? ctx.moveTo(px, py) : ctx.lineTo(px, py);
   }
   ctx.stroke();
   ctx.fillStyle = "#ddd";
-  const head = `${label}rank ${s.ranks.at(-1)} → ${s.ranks[0]} of ${s.maxRank}  (alpha ${Number(s.alpha).toFixed(2)})`;
-  ctx.fillText(head, x0 + 6, y0 + 12);
+  ctx.fillText(s.head ?? "", x0 + 6, y0 + 12);
   ctx.fillStyle = "#888";
-  ctx.fillText(`noise  t=${n}`, x0, y1 + 11);
-  ctx.fillText("t=0  clean", x1 - 52, y1 + 11);
-  if (s.error) {
-    ctx.fillStyle = "#f87171";
-    const lines = wrap(ctx, s.error, x1 - x0 - 12).slice(0, 5);
-    lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 26 + 13 * i));
-  } else if (s.note) {  // who wrote the file, and what was assumed for it
-    ctx.fillStyle = "#999";
-    const lines = wrap(ctx, s.note, x1 - x0 - 12).slice(0, 3);
+  ctx.fillText(s.left ?? "", x0, y1 + 11);
+  ctx.fillText(s.right ?? "", x1 - ctx.measureText(s.right ?? "").width, y1 + 11);
+  const text = s.error ?? s.note;
+  if (text) {  // an error (red), or who wrote the file and what was assumed for it
+    ctx.fillStyle = s.error ? "#f87171" : "#999";
+    const lines = wrap(ctx, text, x1 - x0 - 12).slice(0, s.error ? 5 : 3);
     lines.forEach((ln, i) => ctx.fillText(ln, x0 + 6, y0 + 26 + 13 * i));
   }
   ctx.restore();
 }
 
-// The graph as a widget that never enters the prompt; `get(node)` gives what to draw.
-export function graphWidget(node, name, get) {
+// s: { ranks (per integer t, or null), maxRank, alpha, error, note }: active rank against timestep.
+export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
+  const n = s?.ranks?.length ?? 0;
+  drawSeries(ctx, s?.ranks ? {
+    values: [...s.ranks].reverse(), yMax: s.maxRank, note: s.note, error: s.error,
+    head: `${label}rank ${s.ranks.at(-1)} → ${s.ranks[0]} of ${s.maxRank}  (alpha ${Number(s.alpha).toFixed(2)})`,
+    left: `noise  t=${n}`, right: "t=0  clean",
+  } : s, width, y, loud);
+}
+
+// The graph as a widget that never enters the prompt; `get(node)` gives what to draw, `draw` how (a rank schedule
+// unless told).
+export function graphWidget(node, name, get, draw = drawSchedule) {
   return node.addCustomWidget({
     name,
     type: name,
@@ -75,7 +83,7 @@ export function graphWidget(node, name, get) {
     options: { serialize: false },
     draw(ctx, n, width, y) {
       const { schedule, loud, label } = get(n);
-      drawSchedule(ctx, schedule, width, y, loud, label);
+      draw(ctx, schedule, width, y, loud, label);
     },
     computeSize(width) {
       return [width, GRAPH_HEIGHT];
