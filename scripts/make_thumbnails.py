@@ -1,7 +1,7 @@
 """Render each example workflow in the real ComfyUI frontend (headless Chromium) and save a same-name .jpg
 thumbnail beside it, as ComfyUI's template browser expects.
 
-    .venv/bin/python scripts/make_thumbnails.py
+    .venv/bin/python scripts/make_thumbnails.py [name ...]    (only the named workflows, e.g. tlora_sdxl_txt2img)
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tlora-thumbs-") as base:
         loras = example_loras(Path(base) / "thumb_loras")
         with ComfyServer(Path(base), models={"loras": sorted(loras.iterdir())}) as srv:
-            shoot(srv, sync_playwright)
+            shoot(srv, sync_playwright, sys.argv[1:])
     return 0
 
 
-def shoot(srv: ComfyServer, sync_playwright) -> None:
+def shoot(srv: ComfyServer, sync_playwright, names: list[str]) -> None:
     srv.post("/settings/Comfy.TutorialCompleted", True)
     srv.post("/settings/Comfy.Minimap.Visible", False)
     with sync_playwright() as p:
@@ -62,6 +62,8 @@ def shoot(srv: ComfyServer, sync_playwright) -> None:
         page.goto(srv.url, wait_until="domcontentloaded", timeout=120_000)
         page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)
         for path in sorted((ROOT / "example_workflows").glob("*.json")):
+            if names and path.stem not in names:
+                continue
             page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow.load(path))
             page.keyboard.press("Escape")
             # fit every node in the clipped view below: screen = (graph + offset) * scale

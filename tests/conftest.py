@@ -84,6 +84,20 @@ def _write_sidecar(folder: Path, extra: dict | None = None) -> None:
 
 
 SD_SCRIPTS_SDXL = "sd_scripts_tlora_sdxl.safetensors"
+STYLE_LORA_SDXL = "style_lora_sdxl.safetensors"  # a plain kohya LoRA, for Load LoRA (timestep schedule)
+
+
+def _write_style_lora_sdxl(checkpoint: Path, out: Path) -> None:
+    """A standard kohya LoRA of every attention Linear of the tiny SDXL (seeded; no T-LoRA marker)."""
+    from safetensors import safe_open
+
+    from tools import writer_files
+
+    with safe_open(str(checkpoint), "pt") as f:
+        layers = [writer_files.Layer("lora_unet_" + k.removesuffix(".weight").replace(".", "_"), *shape)
+                  for k in f.keys() if k.endswith(".weight") and ".attn" in k
+                  and len(shape := f.get_slice(k).get_shape()) == 2]
+    writer_files.write_vanilla(out, layers, 4, 4.0, {"ss_network_module": "networks.lora"}, seed=6)
 
 
 def _write_sd_scripts_sdxl(checkpoint: Path, out: Path) -> None:
@@ -133,6 +147,7 @@ def loras(tiny, tmp_path_factory) -> Path:
     (folder / "tlora_flux").mkdir()
     tiny_models.write_official_flux_pt(flux, folder / "tlora_flux" / "lora.pt", RANK, seed=3, strength=0.5)
     _write_sd_scripts_sdxl(Path(tiny["sdxl"]["comfy_file"]), folder / SD_SCRIPTS_SDXL)
+    _write_style_lora_sdxl(Path(tiny["sdxl"]["comfy_file"]), folder / STYLE_LORA_SDXL)
     # files the loader must refuse with the server's own message: a VAE, a stock kohya LoRA (no T-LoRA marker)
     (folder / "not_a_lora.safetensors").symlink_to(Path(tiny["vae"]["vae_4ch"]).absolute())
     from safetensors.torch import save_file

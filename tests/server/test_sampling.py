@@ -61,7 +61,8 @@ def test_nodes_have_descriptions_and_tooltips(server):
     info = server.get("/object_info")
     ours = sorted(k for k, v in info.items() if "ComfyUI-TLoRA" in v.get("python_module", "") and "dev" not in
                   v.get("python_module", "").split("ComfyUI-TLoRA")[-1].lower())
-    assert ours == ["TLoRALoader", "TLoRASaveWithBase", "TLoRASchedulePreview", "TLoRATrain"], ours
+    assert ours == ["TLoRALoader", "TLoRASaveWithBase", "TLoRASchedulePreview", "TLoRAScheduledLoRA",
+                    "TLoRATrain"], ours
     for node_id in ours:
         node = info[node_id]
         assert node["description"], node_id

@@ -30,6 +30,15 @@ def _has_control(name: str, spec) -> bool:
     return spec[0] == "INT" and name in SEED_NAMES
 
 
+def _default(spec) -> object:
+    """A widget's default as the frontend fills it (a combo's first option when it names none)."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in opts:
+        return opts["default"]
+    choices = spec[0] if isinstance(spec[0], list) else opts.get("options")
+    return choices[0] if choices else None
+
+
 def to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a saved (UI) workflow to the API prompt the frontend would queue."""
     links = {lk[0]: lk for lk in workflow.get("links", [])}  # id -> [id, from, from_slot, to, to_slot, type]
@@ -65,6 +74,9 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                     continue
                 if not values:
                     if section == "optional":  # saved before the widget existed: the frontend gives its default
+                        default = _default(spec)
+                        if default is not None:
+                            inputs[name] = default
                         continue
                     raise ValueError(f"node {node['id']} ({ntype}): no widget value left for {name!r}")
                 inputs[name] = values.pop(0)
@@ -110,7 +122,7 @@ def substitute_tiny(prompt: dict, files: dict, conditioning: dict, overrides: di
         if ct == "CLIPTextEncode":
             seed = sum(map(ord, str(node["inputs"].get("text", "")))) % 100000
             p[nid] = {"class_type": "TLoRADevConditioning", "inputs": {"seed": seed, **conditioning}}
-        elif ct in ("TLoRALoader", "LoraLoader", "LoraLoaderModelOnly"):
+        elif ct in ("TLoRALoader", "TLoRAScheduledLoRA", "LoraLoader", "LoraLoaderModelOnly"):
             lora = files["lora"]
             cur = node["inputs"].get("lora_name")
             node["inputs"]["lora_name"] = lora.get(cur, next(iter(lora.values()))) if isinstance(lora, dict) else lora

@@ -1,0 +1,82 @@
+"""Load LoRA (timestep schedule) in a real ComfyUI over HTTP: the committed example workflow (a style LoRA faded in
+over the last half beside the same LoRA at constant strength, stock LoraLoaderModelOnly) on the tiny SDXL, with a
+per-call trace of each call's strength."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import STYLE_LORA_SDXL
+from tests.server.test_sampling import SDXL_COND, SIZE, WF, discrete_sigmas, pixels, trace_len, trace_lines
+from tools.harness import workflow
+from tools.harness.server import error_message
+
+EXAMPLE = WF / "tlora_scheduled_lora_fade_in.json"
+
+
+def _prompt(server, tiny, overrides=None):
+    from pathlib import Path
+
+    files = {"unet": Path(tiny["sdxl"]["comfy_file"]).name, "vae": Path(tiny["vae"]["vae_4ch"]).name,
+             "lora": STYLE_LORA_SDXL}
+    info = server.get("/object_info")
+    return workflow.substitute_tiny(workflow.to_api(workflow.load(EXAMPLE), info), files, SDXL_COND,
+                                    {"EmptyLatentImage": {"width": SIZE, "height": SIZE}, **(overrides or {})})
+
+
+def percent_of(sigma: float) -> float:
+    """ComfyUI's percent of a discrete model's sigma, computed here without ComfyUI: percent_to_sigma(p) is the
+    sigma of timestep (1 - p) * 999, log-interpolated in the DDPM table; this inverts it."""
+    log_sigmas = np.log(discrete_sigmas())
+    t = float(np.interp(np.log(sigma), log_sigmas, np.arange(1000)))
+    return 1.0 - t / 999.0
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "simple"])
+def test_every_call_gets_the_strength_of_its_sigma(server, tiny, sampler, scheduler):
+    steps = 6
+    prompt = _prompt(server, tiny, {"KSampler": {"steps": steps, "sampler_name": sampler, "scheduler": scheduler}})
+    start = trace_len(server)
+    entry = server.run(prompt)
+    assert len(server.images(entry)) == 2
+    calls = [c for c in trace_lines(server, start) if c["lora"] == STYLE_LORA_SDXL]
+    per_step = 2 if sampler == "heun" else 1
+    assert len(calls) == per_step * steps - (per_step - 1), [c["sigma"] for c in calls]
+    got = []
+    for c in calls:
+        for sigma, strength in zip(c["sigma"], c["strength"], strict=True):
+            p = percent_of(sigma)
+            want = 0.0 if p < 0.5 else (p - 0.5) / 0.5  # linear 0 -> 1 over the last half
+            assert strength == pytest.approx(want, abs=2e-3), (sampler, scheduler, sigma, p, strength)
+            got.append(strength)
+    assert got[0] == 0.0 and max(got) > 0.5 and got == sorted(got), got
+
+
+def test_fading_in_differs_from_constant_strength(server, tiny, artifacts):
+    entry = server.run(_prompt(server, tiny, {"KSampler": {"steps": 6}}))
+    imgs = {}
+    for node_out in entry["outputs"].values():
+        for img in node_out.get("images", []):
+            imgs[img["filename"].split("_0")[0]] = server.get(f"/view?filename={img['filename']}&type=output")
+    assert set(imgs) == {"scheduled_lora_fade_in", "scheduled_lora_constant"}, list(imgs)
+    for name, png in imgs.items():
+        (artifacts / f"{name}.png").write_bytes(png)
+    assert np.abs(pixels(imgs["scheduled_lora_fade_in"]) - pixels(imgs["scheduled_lora_constant"])).mean() > 0.5
+
+
+@pytest.mark.parametrize("inputs, says", [
+    ({"start_percent": 0.8, "end_percent": 0.2}, "is before start_percent"),
+    ({"keyframes": "0:0, half:1"}, "not percent:strength"),
+    ({"keyframes": "0:0, 1.5:1"}, "outside 0..1"),
+    ({"lora_name": "tlora_sdxl/pytorch_lora_weights.safetensors"}, "load it with Load T-LoRA"),
+    ({"lora_name": "not_a_lora.safetensors"}, "a VAE, not a LoRA"),
+])
+def test_bad_schedules_and_files_give_a_clear_error_and_the_server_keeps_serving(server, tiny, inputs, says):
+    prompt = _prompt(server, tiny, {"KSampler": {"steps": 2}})
+    node = next(k for k, v in prompt.items() if v["class_type"] == "TLoRAScheduledLoRA")
+    prompt[node]["inputs"].update(inputs)
+    msg = error_message(server.run(prompt, expect_error=True))
+    assert says in msg and prompt[node]["inputs"]["lora_name"].split("/")[-1] in msg, msg
+    assert len(server.images(server.run(_prompt(server, tiny, {"KSampler": {"steps": 2}})))) == 2
