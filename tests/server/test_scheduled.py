@@ -80,3 +80,57 @@ def test_bad_schedules_and_files_give_a_clear_error_and_the_server_keeps_serving
     msg = error_message(server.run(prompt, expect_error=True))
     assert says in msg and prompt[node]["inputs"]["lora_name"].split("/")[-1] in msg, msg
     assert len(server.images(server.run(_prompt(server, tiny, {"KSampler": {"steps": 2}})))) == 2
+
+
+def _hooks_vs_node_prompt(tiny, schedule: str) -> dict:
+    """One KSampler run on the tiny SDXL: the style LoRA by ComfyUI's hook keyframes (strength 0 from 0 %, 1 from
+    50 %), by this node (constant 1 from 50 %), or not at all."""
+    from pathlib import Path
+
+    p = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": Path(tiny["sdxl"]["comfy_file"]).name,
+                                                      "weight_dtype": "default"}},
+         "2": {"class_type": "VAELoader", "inputs": {"vae_name": Path(tiny["vae"]["vae_4ch"]).name}},
+         "3": {"class_type": "TLoRADevConditioning", "inputs": {"seed": 11, **SDXL_COND}},
+         "4": {"class_type": "TLoRADevConditioning", "inputs": {"seed": 12, **SDXL_COND}},
+         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+         "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                    "latent_image": ["5", 0], "seed": 3, "control_after_generate":
+                                                    "fixed", "steps": 6, "cfg": 4.0, "sampler_name": "euler",
+                                                    "scheduler": "normal", "denoise": 1.0}},
+         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["2", 0]}},
+         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"hooks_{schedule}"}}}
+    del p["6"]["inputs"]["control_after_generate"]
+    if schedule == "hooks":
+        p |= {"10": {"class_type": "CreateHookLoraModelOnly", "inputs": {"lora_name": STYLE_LORA_SDXL,
+                                                                         "strength_model": 8.0}},
+              "11": {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": 0.0, "start_percent": 0.0}},
+              "12": {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": 1.0, "start_percent": 0.5,
+                                                                    "prev_hook_kf": ["11", 0]}},
+              "13": {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["10", 0], "hook_kf": ["12", 0]}},
+              "14": {"class_type": "ConditioningSetProperties", "inputs": {"cond_NEW": ["3", 0], "strength": 1.0,
+                                                                            "set_cond_area": "default",
+                                                                            "hooks": ["13", 0]}},
+              "15": {"class_type": "ConditioningSetProperties", "inputs": {"cond_NEW": ["4", 0], "strength": 1.0,
+                                                                            "set_cond_area": "default",
+                                                                            "hooks": ["13", 0]}}}
+        p["6"]["inputs"] |= {"positive": ["14", 0], "negative": ["15", 0]}
+    elif schedule == "node":
+        p["20"] = {"class_type": "TLoRAScheduledLoRA", "inputs": {
+            "model": ["1", 0], "lora_name": STYLE_LORA_SDXL, "strength_model": 8.0, "strength_clip": 0.0,
+            "start_percent": 0.5, "end_percent": 1.0, "strength_start": 1.0, "strength_end": 1.0,
+            "curve": "constant", "keyframes": ""}}
+        p["6"]["inputs"]["model"] = ["20", 0]
+    return p
+
+
+def test_the_same_schedule_by_comfys_hook_keyframes_gives_the_same_image(server, tiny, artifacts):
+    """ComfyUI's own route for a scheduled LoRA (hook keyframes, weights re-patched at each keyframe) and this
+    node's per-call route agree: the two images match to a pixel level, and both differ from the base model's."""
+    imgs = {}
+    for schedule in ("hooks", "node", "none"):
+        imgs[schedule] = server.images(server.run(_hooks_vs_node_prompt(tiny, schedule)))[0]
+        (artifacts / f"hooks_vs_node_{schedule}.png").write_bytes(imgs[schedule])
+    hooks, node, none = (pixels(imgs[k]) for k in ("hooks", "node", "none"))
+    assert np.abs(node - none).mean() > 0.5, "the LoRA has no visible effect"
+    assert np.abs(node - hooks).max() <= 2.0 and np.abs(node - hooks).mean() < 0.1, \
+        (np.abs(node - hooks).max(), np.abs(node - hooks).mean())
