@@ -131,3 +131,40 @@ def test_per_item_strengths_in_one_batch(pack, setup):
         want = capture(_stock(patcher, sd, s), x, sig[None], conds).out
         base = capture(patcher, x, sig[None], conds).out
         assert rel_l2(got[i:i + 1] - base, want - base) < TOL, (family, i)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "scaled_fp8", "mixed_fp8"])
+def test_on_quantized_storage_the_lora_adds_to_the_stored_base_exactly(pack, tmp_path, kind):
+    """SDXL stored as fp8 (weight_dtype), ComfyUI scaled fp8, or mixed-precision QuantizedTensor: the node's effect
+    equals an exact LoRA on the same base values (fp32), where stock LoraLoader, which re-quantizes W + dW, is off
+    by the storage's own precision."""
+    from tools import storage
+
+    fam = families.FAMILIES["sdxl"]
+    twin = fam.build(21)
+    x, conds = fam.inputs(twin, torch.Generator().manual_seed(5))
+    sd = {k.removeprefix("diffusion_model."): v.clone() for k, v in twin.patcher.model.state_dict().items()
+          if k.startswith("diffusion_model.")}
+    loaded = storage.load(storage.write(sd, kind, tmp_path / f"{kind}.safetensors"), kind)
+    values = storage.values(pack, loaded)
+    deq = {k.removeprefix("diffusion_model."): v for k, v in values.items() if k.startswith("diffusion_model.")}
+    exact_base = storage.load(storage.write(deq, "float32", tmp_path / "deq.safetensors"), "float32")
+    lora = _lora(loaded, "sdxl")
+    path = tmp_path / "lora.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(lora, str(path))
+    curve = pack.tlora_core.strength.StrengthCurve(0.0, 1.0, 1.0, 1.0, "constant")
+    ours, _ = pack.engine.scheduled.apply_scheduled_lora(loaded, pack.engine.scheduled.read_lora(str(path)),
+                                                         STRENGTH, curve)
+    sigma = torch.tensor([float(loaded.get_model_object("model_sampling").percent_to_sigma(0.5))])
+    base = capture(loaded, x, sigma, conds).out
+    exact_b = capture(exact_base, x, sigma, conds).out
+    assert rel_l2(base, exact_b) < 1e-5, "the fp32 copy does not hold the stored values"
+    exact = capture(_stock(exact_base, lora, STRENGTH), x, sigma, conds).out - exact_b
+    got = capture(ours, x, sigma, conds).out - base
+    with torch.no_grad():  # as ComfyUI patches weights: its fp8 rounding writes in place
+        stock = capture(_stock(loaded, lora, STRENGTH), x, sigma, conds).out - base
+    print(kind, f"node {rel_l2(got, exact):.1e}, stock LoraLoader {rel_l2(stock, exact):.1e}")
+    assert rel_l2(got, exact) < TOL
+    assert rel_l2(stock, exact) < 1.0  # stock: the same LoRA, within the storage's own precision
