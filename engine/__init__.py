@@ -11,6 +11,7 @@ nodes -> engine -> tlora_core.
   patcher     the per-call rank: injections into target layers and an APPLY_MODEL wrapper
   apply       all of the above for one file on one model (and its text encoder)
   save        self-contained copies of LyCORIS files
+  scheduled   any standard LoRA on a timestep schedule: the same per-call slots with a strength per call
 """
 
 from .apply import Settings, apply_text_encoder, apply_tlora, resolve_schedule
