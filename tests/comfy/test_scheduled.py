@@ -168,3 +168,33 @@ def test_on_quantized_storage_the_lora_adds_to_the_stored_base_exactly(pack, tmp
     print(kind, f"node {rel_l2(got, exact):.1e}, stock LoraLoader {rel_l2(stock, exact):.1e}")
     assert rel_l2(got, exact) < TOL
     assert rel_l2(stock, exact) < 1.0  # stock: the same LoRA, within the storage's own precision
+
+
+def test_it_stacks_with_a_stock_lora_and_another_scheduled_lora(pack, tmp_path):
+    """Stock LoraLoader A, then this node with B (constant 0.6), then this node with A again (constant 0.3): equal to
+    stock LoraLoader applying A at 1.3 and B at 0.6; the model given to each node is never modified."""
+    from safetensors.torch import save_file
+
+    fam = families.FAMILIES["sdxl"]
+    twin = fam.build(21)
+    patcher = twin.patcher
+    x, conds = fam.inputs(twin, torch.Generator().manual_seed(5))
+    sd = _lora(patcher, "sdxl")
+    g = torch.Generator().manual_seed(9)
+    other = {k: (v + 0.5 * torch.randn(v.shape, generator=g) * v.std() if v.ndim == 2 else v) for k, v in sd.items()}
+    paths = {"a": tmp_path / "a.safetensors", "b": tmp_path / "b.safetensors"}
+    save_file(sd, str(paths["a"]))
+    save_file(other, str(paths["b"]))
+    sched = pack.engine.scheduled
+    const = pack.tlora_core.strength.StrengthCurve(0.0, 1.0, 1.0, 1.0, "constant")
+    stock_a = _stock(patcher, sd, 1.0)
+    ours, _ = sched.apply_scheduled_lora(stock_a, sched.read_lora(str(paths["b"])), 0.6, const)
+    ours, _ = sched.apply_scheduled_lora(ours, sched.read_lora(str(paths["a"])), 0.3, const)
+    ref = _stock(_stock(patcher, sd, 1.3), other, 0.6)
+    sigma = torch.tensor([float(patcher.get_model_object("model_sampling").percent_to_sigma(0.4))])
+    base = capture(patcher, x, sigma, conds).out
+    want = capture(ref, x, sigma, conds).out
+    got = capture(ours, x, sigma, conds).out
+    assert rel_l2(want, base) > 1e-3 and rel_l2(got - base, want - base) < TOL
+    assert torch.equal(capture(patcher, x, sigma, conds).out, base)  # the input model is untouched
+    assert torch.equal(capture(stock_a, x, sigma, conds).out, capture(_stock(patcher, sd, 1.0), x, sigma, conds).out)

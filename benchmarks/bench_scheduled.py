@@ -1,0 +1,122 @@
+"""Per-step cost of a scheduled LoRA next to the base model, a static LoRA and ComfyUI's hook keyframes: one process,
+one JSON, every variant sampled by ComfyUI's own `comfy.sample.sample` (euler, normal, CFG 4) on one model.
+
+  base        the model, no LoRA
+  static      the LoRA at constant strength by ComfyUI's LoraLoader route (weights patched once at load)
+  node_const  Load LoRA (timestep schedule) at constant strength over the whole range
+  node_fade   the node fading the LoRA in over the last half (linear 0 -> 1 from 50 %)
+  hooks_fade  the same fade by ComfyUI's hook keyframes (strength 0 from 0 %, 1 from 50 %: weights re-patched at the
+              keyframe; its schedule is a step, the node's a ramp, which costs the node nothing more)
+Usage: `python benchmarks/bench_scheduled.py` (CPU, the tiny SDXL layout of bench_step.py; `--steps`, `--repeats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_step import TINY_SPEC, build_models, comfy_version  # noqa: E402
+
+from tools.harness.inproc import import_pack  # noqa: E402
+
+
+def lora_for(comfy, model, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A kohya LoRA of every Linear weight ComfyUI's key map names (one name per weight)."""
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    weights = model.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd, seen = {}, set()
+    for name, key in key_map.items():
+        if not name.startswith("lora_unet_") or not isinstance(key, str) or key in seen:
+            continue
+        w = weights.get(key)
+        if w is None or w.ndim != 2:
+            continue
+        seen.add(key)
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) / math.sqrt(w.shape[1])
+        sd[f"{name}.lora_up.weight"] = 0.3 * torch.randn(w.shape[0], rank, generator=g) / math.sqrt(rank)
+        sd[f"{name}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16)
+    args = ap.parse_args(argv)
+    pack = import_pack()
+    import comfy.hooks
+    import comfy.lora
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    dev = torch.device("cpu")
+    models = build_models(comfy, TINY_SPEC, False, dev, torch.float32, torch.float32)
+    patcher = comfy.model_patcher.ModelPatcher(models.f32, load_device=dev, offload_device=dev)
+    sd = lora_for(comfy, models.f32, args.rank)
+    path = Path(f"/tmp/bench_scheduled_{args.rank}.safetensors")
+    save_file(sd, str(path))
+    tl = pack.engine.scheduled.read_lora(str(path))
+    curve = pack.tlora_core.strength
+    g = torch.Generator().manual_seed(1)
+    ctx, pooled = TINY_SPEC.context_dim, TINY_SPEC.pooled_dim
+    pos = [[torch.randn(1, 77, ctx, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
+    neg = [[torch.randn(1, 77, ctx, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
+    latent = torch.zeros(1, 4, 32, 32)
+    noise = torch.randn(latent.shape, generator=g)
+    hooks = comfy.hooks.create_hook_lora(sd, 1.0, 0.0)
+    kf = comfy.hooks.HookKeyframeGroup()
+    kf.add(comfy.hooks.HookKeyframe(0.0, 0.0))
+    kf.add(comfy.hooks.HookKeyframe(1.0, 0.5))
+    hooks.set_keyframes_on_hooks(kf)
+    hooked = [comfy.hooks.set_conds_props(conds=[c], strength=1.0, set_cond_area="default", hooks=hooks)[0]
+              for c in (pos, neg)]
+    variants = {
+        "base": (patcher, pos, neg),
+        "static": (comfy.sd.load_lora_for_models(patcher, None, sd, 1.0, 0)[0], pos, neg),
+        "node_const": (pack.engine.scheduled.apply_scheduled_lora(
+            patcher, tl, 1.0, curve.StrengthCurve(0.0, 1.0, 1.0, 1.0, "constant"))[0], pos, neg),
+        "node_fade": (pack.engine.scheduled.apply_scheduled_lora(
+            patcher, tl, 1.0, curve.StrengthCurve(0.5, 1.0, 0.0, 1.0, "linear"))[0], pos, neg),
+        "hooks_fade": (patcher, hooked[0], hooked[1]),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats + 1):  # the first round warms up (and loads the LoRA once)
+        for name, (model, p, n) in variants.items():
+            t0 = time.perf_counter()
+            comfy.sample.sample(model, noise, args.steps, 4.0, "euler", "normal", p, n, latent, denoise=1.0,
+                                disable_pbar=True, seed=0)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    per_step = {k: statistics.median(v[1:]) for k, v in times.items()}
+    out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "comfyui": comfy_version(), "threads": torch.get_num_threads(), "steps": args.steps, "rank": args.rank,
+           "modules": len(tl.modules), "seconds_per_step": per_step,
+           "ratios": {"node_const / base": per_step["node_const"] / per_step["base"],
+                      "node_fade / base": per_step["node_fade"] / per_step["base"],
+                      "static / base": per_step["static"] / per_step["base"],
+                      "hooks_fade / base": per_step["hooks_fade"] / per_step["base"],
+                      "node_fade / hooks_fade": per_step["node_fade"] / per_step["hooks_fade"]}}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
