@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..engine import Settings, apply_text_encoder, apply_tlora, file_key, lora_path, read_file, resolve_schedule
+from ..engine import Settings, apply_tlora, lora_path, read_file, resolve_schedule
 from ..engine.timesteps import AUTO, MODES
-from ..tlora_core import TLoRAError
 from ..tlora_core.recorded import SCHEDULE_SOURCES
 from ..tlora_core.writers import STANDARD_LAYOUTS
-from .common import progress_bar
+from .common import file_fingerprint, lora_inputs, model_and_clip
 
 log = logging.getLogger("tlora.loader")
 
@@ -20,16 +18,12 @@ log = logging.getLogger("tlora.loader")
 def _inputs() -> list:
     """The node's inputs, each with its tooltip."""
     return [
-        io.Model.Input("model", tooltip="The diffusion model to apply the T-LoRA to."),
-        io.Clip.Input("clip", optional=True,
-                      tooltip="Optional text encoder; text-encoder modules in the file are applied "
-                              "statically (they have no timestep)."),
-        io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                       tooltip="The T-LoRA file, from ComfyUI's models/loras folder."),
-        io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                       tooltip="How strongly to apply the T-LoRA to the diffusion model (1 = as trained)."),
-        io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
-                       tooltip="How strongly to apply text-encoder modules, if the file has any."),
+        *lora_inputs("The diffusion model to apply the T-LoRA to.",
+                     "Optional text encoder; text-encoder modules in the file are applied statically (they have no "
+                     "timestep).",
+                     "The T-LoRA file, from ComfyUI's models/loras folder.",
+                     "How strongly to apply the T-LoRA to the diffusion model (1 = as trained).",
+                     "How strongly to apply text-encoder modules, if the file has any."),
         io.Combo.Input("schedule_source", options=list(SCHEDULE_SOURCES), default="file",
                        tooltip="file: use min_rank and alpha recorded in the file (metadata or a "
                                "lycoris_config.json beside it) where it records them, else the sliders. "
@@ -80,12 +74,7 @@ class TLoRALoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, lora_name, vanilla_tlora=False, standard_layout="auto", **kwargs):
-        """The file and its sidecars as they are on disk now: an edited file or lycoris_config.json runs again."""
-        try:
-            return (lora_name, file_key(folder_paths.get_full_path("loras", lora_name) or "", bool(vanilla_tlora),
-                                        standard_layout))
-        except OSError:
-            return lora_name
+        return file_fingerprint(lora_name, bool(vanilla_tlora), standard_layout)
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, schedule_source, min_rank, alpha,
@@ -97,12 +86,6 @@ class TLoRALoader(io.ComfyNode):
                  f" ({tl.layout_why})" if tl.layout_why else "", why)
         if tl.writer.assumed:
             log.warning("T-LoRA %s: %s", lora_name, tl.writer.assumed)
-        progress = progress_bar()
-        if tl.modules:
-            out_model, _ = apply_tlora(model, tl, Settings(strength_model, r, mr, al, timestep_mode), progress)
-        else:  # a file with text-encoder modules only
-            out_model = model
-            if clip is None:
-                raise TLoRAError(path, "holds text-encoder modules only: connect the clip input")
-        out_clip = apply_text_encoder(clip, tl, strength_clip, progress)
-        return io.NodeOutput(out_model, out_clip)
+        settings = Settings(strength_model, r, mr, al, timestep_mode)
+        return model_and_clip(path, tl, model, clip, strength_clip,
+                              lambda progress: apply_tlora(model, tl, settings, progress)[0])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..engine import apply_text_encoder, file_key, lora_path
+from ..engine import lora_path
 from ..engine.scheduled import apply_scheduled_lora, read_lora
 from ..tlora_core import TLoRAError
 from ..tlora_core.strength import SHAPES, StrengthCurve, parse_keyframes
-from .common import progress_bar
+from .common import file_fingerprint, lora_inputs, model_and_clip
 
 log = logging.getLogger("tlora.scheduled_node")
 
@@ -19,17 +18,13 @@ log = logging.getLogger("tlora.scheduled_node")
 def _inputs() -> list:
     pct = {"min": 0.0, "max": 1.0, "step": 0.01}
     return [
-        io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to (never modified itself)."),
-        io.Clip.Input("clip", optional=True,
-                      tooltip="Optional text encoder: its modules apply at strength_clip, statically (a text "
-                              "encoder runs once, with no timestep)."),
-        io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                       tooltip="Any standard LoRA: kohya, PEFT / diffusers, ComfyUI-trained, LyCORIS LoRA. "
-                               "T-LoRA files go to Load T-LoRA."),
-        io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                       tooltip="Strength on the diffusion model, times the curve at each model call."),
-        io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
-                       tooltip="Strength on the text encoder (static)."),
+        *lora_inputs("The diffusion model to apply the LoRA to (never modified itself).",
+                     "Optional text encoder: its modules apply at strength_clip, statically (a text encoder runs "
+                     "once, with no timestep).",
+                     "Any standard LoRA: kohya, PEFT / diffusers, ComfyUI-trained, LyCORIS LoRA. T-LoRA files go to "
+                     "Load T-LoRA.",
+                     "Strength on the diffusion model, times the curve at each model call.",
+                     "Strength on the text encoder (static)."),
         io.Float.Input("start_percent", default=0.0, **pct,
                        tooltip="Where the LoRA starts acting, as a percent of the sampling (0 = first step, pure "
                                "noise), in ComfyUI's percent-to-sigma sense."),
@@ -68,11 +63,7 @@ class TLoRAScheduledLoRA(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, lora_name, **kwargs):
-        """The file as it is on disk now: an edited file runs again."""
-        try:
-            return (lora_name, file_key(folder_paths.get_full_path("loras", lora_name) or "", True))
-        except OSError:
-            return lora_name
+        return file_fingerprint(lora_name, True)
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, start_percent, end_percent, strength_start,
@@ -84,10 +75,5 @@ class TLoRAScheduledLoRA(io.ComfyNode):
         except ValueError as e:
             raise TLoRAError(path, f"bad schedule: {e}") from None
         tl = read_lora(path)
-        progress = progress_bar()
-        out_model = model
-        if tl.modules:
-            out_model, _ = apply_scheduled_lora(model, tl, strength_model, schedule, progress)
-        elif clip is None:
-            raise TLoRAError(path, "holds text-encoder modules only: connect the clip input")
-        return io.NodeOutput(out_model, apply_text_encoder(clip, tl, strength_clip, progress))
+        return model_and_clip(path, tl, model, clip, strength_clip,
+                              lambda progress: apply_scheduled_lora(model, tl, strength_model, schedule, progress)[0])

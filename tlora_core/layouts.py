@@ -220,12 +220,10 @@ def _ortho_base(path: str, name: str, g: Group, q: torch.Tensor, p: torch.Tensor
 def _export(path: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
     """A module of LyCORIS' rank-2R tlora export, as the ortho adapter it was exported from: rank i of the trained
     half and of the base half are one rank of the schedule."""
-    down, conv_d = _matrix(path, name, "down", _tensor(path, name, g, "down"))
-    up, conv_u = _matrix(path, name, "up", _tensor(path, name, g, "up"))
-    if down is None or up is None:
-        skipped[name] = "convolution with kernel > 1 is not supported for T-LoRA"
+    factors = _down_up(path, name, g, skipped)
+    if factors is None:
         return None
-    r2 = _check_rank(path, name, down, up)
+    down, up, conv, r2 = factors
     if r2 % 2:
         raise TLoRAError(path, f"module '{name}' has odd rank {r2}: a LyCORIS tlora export (rank 2R, ranks paired) "
                                "has even rank; set standard_layout to 'ranks' if this is a vanilla T-LoRA")
@@ -233,16 +231,25 @@ def _export(path: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAd
     ones = torch.ones(r)
     alpha = _alpha(path, name, g.get("alpha"), r2)  # 2a: alpha / rank is the T-LoRA's a / R
     return ModuleAdapter(name=name, kind=ORTHO, up=up[:, :r], down=down[:r], lam=ones, base_up=-up[:, r:],
-                         base_down=down[r:], base_lam=ones, scale=alpha / r2, conv=conv_d or conv_u)
+                         base_down=down[r:], base_lam=ones, scale=alpha / r2, conv=conv)
 
 
-def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
+def _down_up(path: str, name: str, g: Group,
+             skipped: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, bool, int] | None:
+    """(down, up, conv, rank) of a standard-layout module; None (the reason in `skipped`) for a k x k conv."""
     down, conv_d = _matrix(path, name, "down", _tensor(path, name, g, "down"))
     up, conv_u = _matrix(path, name, "up", _tensor(path, name, g, "up"))
     if down is None or up is None:
         skipped[name] = "convolution with kernel > 1 is not supported for T-LoRA"
         return None
-    r = _check_rank(path, name, down, up)
+    return down, up, conv_d or conv_u, _check_rank(path, name, down, up)
+
+
+def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
+    factors = _down_up(path, name, g, skipped)
+    if factors is None:
+        return None
+    down, up, conv, r = factors
     if fmt == OFFICIAL_VANILLA:
         target = official_target(name)
         if target is None:
@@ -255,9 +262,9 @@ def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) 
         return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=1.0)
     if fmt == KOHYA:
         alpha = _alpha(path, name, g.get("alpha"), r)
-        return ModuleAdapter(name=name, kind=VANILLA, up=up, down=down, scale=alpha / r, conv=conv_d or conv_u)
+        return ModuleAdapter(name=name, kind=VANILLA, up=up, down=down, scale=alpha / r, conv=conv)
     target = re.sub(r"^(base_model\.model\.|unet\.|transformer\.|diffusion_model\.)", "", name)
     # PEFT keeps lora_alpha / r in its adapter config (scale 1 here); an `.alpha` tensor beside the factors is
     # read as ComfyUI reads it
     scale = 1.0 if g.get("alpha") is None else _alpha(path, name, g["alpha"], r) / r
-    return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=scale, conv=conv_d or conv_u)
+    return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=scale, conv=conv)
