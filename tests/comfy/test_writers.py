@@ -160,14 +160,15 @@ def _build(family: str):
 
 
 def _layers(patcher, family: str, convs: bool) -> dict[str, torch.nn.Module]:
-    """ComfyUI module path -> module: every Linear of the blocks (Anima: the ten per block its trainers adapt), and
-    every 2-D conv where the writer adapts convs."""
+    """ComfyUI module path -> module: every Linear of the model (Anima: the ten per DiT block its trainers adapt),
+    and every 2-D conv where the writer adapts convs."""
     out = {}
     for path, m in patcher.model.named_modules():
         if not path.startswith("diffusion_model."):
             continue
-        if family == "anima" and not any(path.endswith(t) for t in anima.TARGETS):
-            continue
+        if family == "anima" and not (path.startswith("diffusion_model.blocks.") and
+                                      any(path.endswith(t) for t in anima.TARGETS)):
+            continue  # the ten Linears of each DiT block; never the LLM adapter (which its trainers exclude)
         if isinstance(m, torch.nn.Linear) or (convs and isinstance(m, torch.nn.Conv2d)):
             out[path] = m
     return out
