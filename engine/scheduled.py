@@ -82,6 +82,3 @@ def apply_scheduled_lora(patcher, tl: TLoRA, strength: float, curve: StrengthCur
              strength, curve)
     return clone, app
 
-
-def sigma_strengths(rule: StrengthRule, sigma: torch.Tensor) -> list[float]:
-    return [rule(s) for s in sigma.detach().float().reshape(-1).tolist()]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from comfy_api.v0_0_2 import io
 
 from ..engine import lora_path
@@ -11,8 +9,6 @@ from ..engine.scheduled import apply_scheduled_lora, read_lora
 from ..tlora_core import TLoRAError
 from ..tlora_core.strength import SHAPES, StrengthCurve, parse_keyframes
 from .common import file_fingerprint, lora_inputs, model_and_clip
-
-log = logging.getLogger("tlora.scheduled_node")
 
 
 def _inputs() -> list:

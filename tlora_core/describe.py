@@ -17,12 +17,9 @@ from . import layouts
 from . import recorded as rec
 from .errors import TLoRAError
 from .fileio import guess_other, is_pickle, read_pickle
-from .formats import BASE_METADATA, classify, schedule_defaults
+from .formats import BASE_METADATA, STATE_SUFFIXES, classify, schedule_defaults
 
 _RANK_ROLES = ("q", "down")  # (rank, in) tensors: the rank is their first dimension
-
-
-_STATE = ((".tlora_min_rank_state", "min_rank"), (".tlora_rank_schedule_state", "schedule"))
 
 
 def _header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, float]]:
@@ -37,7 +34,7 @@ def _header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict
         with safe_open(path, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             state = {}
-            for suffix, name in _STATE:
+            for suffix, name in STATE_SUFFIXES:
                 hit = next((k for k in shapes if k.endswith(suffix) and not any(shapes[k])), None)
                 if hit is not None:
                     state[name] = float(f.get_tensor(hit).float().item())

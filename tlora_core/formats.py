@@ -84,10 +84,14 @@ def schedule_defaults(rank: int, writer: writers.Writer, recorded: rec.Recorded)
     return out
 
 
+# lora-scripts-next's per-module schedule tensors (mid-2026): suffix -> setting
+STATE_SUFFIXES = ((".tlora_min_rank_state", "min_rank"), (".tlora_rank_schedule_state", "schedule"))
+
+
 def _state(sd: dict[str, Any]) -> dict[str, float]:
     """lora-scripts-next's per-module schedule tensors (the first of each)."""
     out = {}
-    for suffix, key in ((".tlora_min_rank_state", "min_rank"), (".tlora_rank_schedule_state", "schedule")):
+    for suffix, key in STATE_SUFFIXES:
         hit = next((k for k in sd if k.endswith(suffix)), None)
         if hit is not None and sd[hit].numel() == 1:
             out[key] = float(sd[hit].float().reshape(()).item())

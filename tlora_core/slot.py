@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .adapter import Factors, ModuleAdapter
 
-Saved = tuple[int | None, list[int] | None, torch.Tensor | None, list[float] | None]
+Saved = tuple[int | None, list[int] | None, torch.Tensor | None, float, list[float] | None]
 
 
 class ActiveRank(threading.local):
@@ -27,20 +27,25 @@ class ActiveRank(threading.local):
     rank: int | None = None
     sample_ranks: list[int] | None = None
     mask: torch.Tensor | None = None
-    # per-item strength multipliers of a scheduled LoRA (None: 1); folded into `mask` for compiled models
-    scales: list[float] | None = None
+    # a scheduled LoRA's strength multiplier: `scale` for the whole call, `sample_scales` per item when the items'
+    # differ; both folded into `mask` for compiled models
+    scale: float = 1.0
+    sample_scales: list[float] | None = None
 
     def set(self, ranks: list[int], mask: torch.Tensor, scales: list[float] | None = None) -> Saved:
-        """Publish one call's per-item ranks (and the same as a mask, see `rank_mask`); returns what to `restore`."""
-        prev = self.rank, self.sample_ranks, self.mask, self.scales
+        """Publish one call's per-item ranks (and the same as a mask, see `rank_mask`) and strength multipliers
+        (None: 1); returns what to `restore`. Done once per call, so the layers' slots only read."""
+        prev = self.rank, self.sample_ranks, self.mask, self.scale, self.sample_scales
         self.rank = max(ranks)
         self.sample_ranks = None if len(set(ranks)) == 1 else ranks
         self.mask = mask
-        self.scales = scales
+        uniform = scales is None or len(set(scales)) == 1
+        self.scale = 1.0 if scales is None else scales[0] if uniform else 1.0
+        self.sample_scales = None if uniform else scales
         return prev
 
     def restore(self, prev: Saved) -> None:
-        self.rank, self.sample_ranks, self.mask, self.scales = prev
+        self.rank, self.sample_ranks, self.mask, self.scale, self.sample_scales = prev
 
 
 def rank_mask(ranks: list[int], width: int, device: torch.device | str | None = None,
@@ -119,10 +124,8 @@ class LayerSlot:
         if torch.compiler.is_compiling():
             return self._static(x, y, act.mask)
         r = self.rank if act.rank is None else min(act.rank, self.rank)
-        strength = self.strength
-        scales = act.scales
-        if scales is not None and len(set(scales)) == 1:  # one strength for the whole call
-            strength, scales = strength * scales[0], None
+        strength = self.strength * act.scale
+        scales = act.sample_scales
         if r <= 0 or strength == 0:
             return y
         down, up_t, k = self.factors.get(x.dtype, x.device)
