@@ -28,12 +28,13 @@ from .plan import map_modules, plan
 log = logging.getLogger("tlora.apply")
 
 
-def _conv_args(module) -> dict | None:
-    """The 1x1 factors' conv arguments on a conv layer: its own for a 1x1 conv; on a k x k conv (factors that run
-    at the tap of index `padding`) its stride, with no padding, as the trainers that write such files run them."""
+def _conv_args(module, adapter) -> dict | None:
+    """The factors' conv arguments on a conv layer: its own for a 1x1 conv and for a LoCon's k x k down kernel; on a
+    k x k conv with 1x1 factors (that run at the tap of index `padding`) its stride, with no padding, as the trainers
+    that write such files run them."""
     if not isinstance(module, torch.nn.Conv2d):
         return None
-    if any(k != 1 for k in module.kernel_size):
+    if any(k != 1 for k in module.kernel_size) and adapter.kernel is None:
         return {"stride": module.stride, "padding": 0, "dilation": 1, "groups": 1}
     return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
 
@@ -87,7 +88,8 @@ def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None, strength_
     for t in p.targets:
         module = comfy.utils.get_attr(patcher.model, t.path)
         ref = FactorRef(store, prepared.adapters[t.adapter.name])
-        bindings.append((t.path, LayerSlot(ref, state.active, settings.strength, t.out_slice, _conv_args(module))))
+        slot = LayerSlot(ref, state.active, settings.strength, t.out_slice, _conv_args(module, t.adapter))
+        bindings.append((t.path, slot))
     app = TLoRAApplication(state, bindings, store)
     clone = patcher.clone()
     app.attach(clone)

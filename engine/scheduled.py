@@ -17,6 +17,7 @@ from ..tlora_core import TLoRA, TLoRAError, recorded
 from ..tlora_core.strength import StrengthCurve, strength_at
 from . import apply as _apply
 from .files import read_file
+from .patcher import WRAPPER_PREFIX
 
 log = logging.getLogger("tlora.scheduled")
 
@@ -37,6 +38,21 @@ def percent_of(model_sampling, sigma: float) -> float:
 
 def _f32(x) -> float:
     return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+def sigma_ticks(model_sampling, percents=(0.0, 0.25, 0.5, 0.75, 1.0)) -> list[tuple[float, float]]:
+    """(percent, sigma) of the model's sampling at a few percents, for a sigma axis under a progress axis: the ends
+    are the model's own sigma_max and sigma_min (ComfyUI's percent_to_sigma answers 'past every sigma' there)."""
+    out = []
+    for p in percents:
+        if p <= 0.0:
+            s = model_sampling.sigma_max
+        elif p >= 1.0:
+            s = model_sampling.sigma_min
+        else:
+            s = model_sampling.percent_to_sigma(p)
+        out.append((float(p), float(s)))
+    return out
 
 
 class StrengthRule:
@@ -82,3 +98,19 @@ def apply_scheduled_lora(patcher, tl: TLoRA, strength: float, curve: StrengthCur
              strength, curve)
     return clone, app
 
+
+
+def scheduled_loras(patcher) -> list[tuple[str, float, StrengthRule]]:
+    """The scheduled LoRAs on a model, in the order they were applied: (file name, strength_model, rule)."""
+    import comfy.patcher_extension
+
+    out = []
+    for key, fns in patcher.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}).items():
+        if not key.startswith(f"{WRAPPER_PREFIX}:"):
+            continue
+        for fn in fns:
+            app = getattr(fn, "__self__", None)
+            rule = getattr(getattr(app, "state", None), "strength_rule", None)
+            if isinstance(rule, StrengthRule) and app.bindings:
+                out.append((app.state.name, app.bindings[0][1].strength, rule))
+    return out

@@ -22,6 +22,7 @@ export function wrap(ctx, text, width) {
 
 // A line over the sampling, noise on the left: s = { values (left to right, or null), yMin, yMax, head, left,
 // right, note, error }; `loud`: the error comes from the server (red).
+// s: { values, yMin, yMax, head, left, right, ticks ([fraction, label] along the bottom), error, note }
 export function drawSeries(ctx, s, width, y, loud = false) {
   const pad = 10;
   const x0 = pad, x1 = width - pad, y0 = y + 4, y1 = y + GRAPH_HEIGHT - 14;
@@ -53,6 +54,20 @@ export function drawSeries(ctx, s, width, y, loud = false) {
   ctx.fillStyle = "#888";
   ctx.fillText(s.left ?? "", x0, y1 + 11);
   ctx.fillText(s.right ?? "", x1 - ctx.measureText(s.right ?? "").width, y1 + 11);
+  if (s.ticks?.length) {  // a second axis along the bottom edge: [fraction of the width, label]
+    ctx.fillStyle = "#777";
+    ctx.strokeStyle = "#555";
+    ctx.lineWidth = 1;
+    for (const [at, label] of s.ticks) {
+      const px = x0 + (x1 - x0) * at;
+      ctx.beginPath();
+      ctx.moveTo(px, y1);
+      ctx.lineTo(px, y1 - 4);
+      ctx.stroke();
+      const w = ctx.measureText(label).width;
+      ctx.fillText(label, Math.min(Math.max(px - w / 2, x0 + 2), x1 - w - 2), y1 - 6);
+    }
+  }
   const text = s.error ?? s.note;
   if (text) {  // an error (red), or who wrote the file and what was assumed for it
     ctx.fillStyle = s.error ? "#f87171" : "#999";

@@ -1,6 +1,7 @@
 // Load LoRA (timestep schedule) in the graph editor: its strength curve against the sampling's progress, drawn
-// live from the schedule widgets with the port of the server's curve (tlora_strength.js), and any error the
-// server raised for the node on its last run.
+// live from the schedule widgets with the port of the server's curve (tlora_strength.js), labelled with the
+// connected model's sigma once the node has run (the server sends them), and any error the server raised for the
+// node on its last run.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { chainCallback as chain, drawSeries, graphWidget } from "./tlora_graph.js";
@@ -15,7 +16,7 @@ function widget(node, name) {
 }
 
 function state(node) {
-  return (node.tloraScheduled ??= { curve: null, runError: null });
+  return (node.tloraScheduled ??= { curve: null, runError: null, sigmaTicks: null });
 }
 
 function refresh(node) {
@@ -32,7 +33,8 @@ function refresh(node) {
     const lo = Math.min(0, ...values), hi = Math.max(0, ...values);
     st.curve = { values, yMin: lo, yMax: hi, error: st.runError,
       head: `strength ${values[0].toFixed(2)} → ${values.at(-1).toFixed(2)}  (peak ${hi.toFixed(2)})`,
-      left: "noise  0%", right: "100%  clean" };
+      left: "noise  0%", right: "100%  clean",
+      ticks: st.sigmaTicks?.map(([p, sigma]) => [p, `σ ${Number(sigma).toPrecision(3)}`]) };
   }
   node.setDirtyCanvas(true, true);
 }
@@ -60,6 +62,16 @@ app.registerExtension({
     graphWidget(node, "tlora_strength_graph", (n) => ({ schedule: state(n).curve, loud: !!state(n).runError }),
       drawSeries);
     for (const name of INPUTS) chain(widget(node, name), () => refresh(node));
+    const executed = node.onExecuted;
+    node.onExecuted = function (output) {  // the model's sigma at 0, 25, 50, 75, 100 % of its sampling
+      const r = executed?.apply(this, arguments);
+      const ticks = output?.tlora_sigma_ticks;
+      if (Array.isArray(ticks) && ticks.length) {
+        state(node).sigmaTicks = ticks;
+        refresh(node);
+      }
+      return r;
+    };
     const configured = node.onConfigure;
     node.onConfigure = function (...args) {
       const r = configured?.apply(this, args);

@@ -14,6 +14,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..engine import timesteps
 from ..engine.patcher import RankState
+from ..engine.scheduled import percent_of, scheduled_loras, sigma_ticks
 from ..tlora_core import schedule
 
 log = logging.getLogger("tlora.preview")
@@ -56,8 +57,47 @@ def sampler_call_sigmas(model_sampling, sampler_name: str, sigmas: torch.Tensor)
     return [float(s) for s in sigmas[:-1]], False
 
 
+_GRID = 201  # points of a strength curve over the sampling
+
+
+def strength_series(model, call_sigmas: list[float]) -> list[dict]:
+    """For each scheduled LoRA on `model`: its strength over the sampling (in the model's sigma, as the calls get
+    it) and at each of the sampler's calls."""
+    out = []
+    for name, strength_model, rule in scheduled_loras(model):
+        ms = rule.ms
+        grid = [i / (_GRID - 1) for i in range(_GRID)]
+        sig = [float(ms.sigma_max) if p <= 0 else float(ms.percent_to_sigma(p)) if p < 1 else 0.0 for p in grid]
+        out.append({"name": name, "strength_model": strength_model,
+                    "curve": [[p, strength_model * rule(x)] for p, x in zip(grid, sig, strict=True)],
+                    "calls": [{"sigma": x, "percent": percent_of(ms, x), "strength": strength_model * rule(x)}
+                              for x in call_sigmas],
+                    "sigma_ticks": sigma_ticks(ms)})
+    return out
+
+
+def _strength_panel(ax, series: list[dict]) -> None:
+    colors = ["#10b981", "#f59e0b", "#a855f7", "#06b6d4"]
+    for i, s in enumerate(series):
+        c = colors[i % len(colors)]
+        ax.plot([p for p, _ in s["curve"]], [v for _, v in s["curve"]], color=c, lw=2, label=s["name"])
+        ax.scatter([r["percent"] for r in s["calls"]], [r["strength"] for r in s["calls"]], color="#ef4444", s=14,
+                   zorder=3, label="sampler calls" if i == 0 else None)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("sampling progress (noise \u2192 clean)")
+    ax.set_ylabel("LoRA strength")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    top = ax.twiny()  # the same axis in the model's sigma
+    ticks = series[0]["sigma_ticks"]
+    top.set_xlim(0, 1)
+    top.set_xticks([p for p, _ in ticks])
+    top.set_xticklabels([f"{x:.3g}" for _, x in ticks], fontsize=8)
+    top.set_xlabel("sigma", fontsize=8)
+
+
 def plot(max_rank: int, min_rank: int, alpha: float, calls: list[tuple[int, int]] | None,
-         curve: str = schedule.POWER) -> torch.Tensor:
+         curve: str = schedule.POWER, strengths: list[dict] | None = None) -> torch.Tensor:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +105,11 @@ def plot(max_rank: int, min_rank: int, alpha: float, calls: list[tuple[int, int]
 
     ts = np.arange(0, schedule.MAX_TIMESTEP + 1)
     ranks = [schedule.active_rank(t, max_rank, min_rank, alpha, curve=curve) for t in ts]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    if strengths:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), dpi=100, height_ratios=(1, 1))
+        _strength_panel(ax2, strengths)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     ax.step(ts, ranks, where="post", color="#3b82f6", lw=2, label="active rank r(t)")
     if calls:
         ax.scatter([c[0] for c in calls], [c[1] for c in calls], color="#ef4444", s=18, zorder=3,
@@ -97,7 +141,8 @@ class TLoRASchedulePreview(io.ComfyNode):
             category="loaders/T-LoRA",
             description=("Plots active rank against timestep for a T-LoRA schedule, on the node itself. Given a "
                          "model, also shows the rank each call of the chosen sampler, scheduler, steps and denoise "
-                         "will use."),
+                         "will use, and, for every scheduled LoRA on that model, its strength curve against "
+                         "sampling progress and sigma with each call's strength."),
             is_output_node=True,
             inputs=[
                 io.Int.Input("max_rank", default=64, min=1, max=1024, tooltip="The T-LoRA's rank (linear_dim)."),
@@ -105,7 +150,8 @@ class TLoRASchedulePreview(io.ComfyNode):
                 io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
                                tooltip="Schedule exponent: 1 = linear."),
                 io.Model.Input("model", optional=True,
-                               tooltip="Optional: the model to sample with, to show the ranks of real sampler calls."),
+                               tooltip="Optional: the model to sample with, to show the ranks of real sampler calls "
+                                       "and the strength each call gets from the scheduled LoRAs on it."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
                                tooltip="Sampler whose model calls to show (used with a model)."),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
@@ -124,7 +170,8 @@ class TLoRASchedulePreview(io.ComfyNode):
                 io.Image.Output(display_name="IMAGE",
                                 tooltip="The schedule plot, with sampler calls when a model is given."),
                 io.String.Output(display_name="TABLE", tooltip="JSON: the schedule at key timesteps and, with a "
-                                                               "model, one row per sampler call (sigma, t, rank)."),
+                                                               "model, one row per sampler call (sigma, t, rank) "
+                                                               "and each scheduled LoRA's strength per call."),
             ],
         )
 
@@ -134,7 +181,7 @@ class TLoRASchedulePreview(io.ComfyNode):
         schedule.validate(max_rank, min_rank, alpha)
         table = {"max_rank": max_rank, "min_rank": min_rank, "alpha": alpha, "curve": curve,
                  "schedule": schedule.schedule_table(max_rank, min_rank, alpha, [0, 250, 500, 750, 999], curve)}
-        calls = None
+        calls = strengths = None
         if model is not None:
             ms = model.get_model_object("model_sampling")
             sigmas = step_sigmas(ms, scheduler, steps, denoise)
@@ -148,6 +195,9 @@ class TLoRASchedulePreview(io.ComfyNode):
             table.update(sampler=sampler_name, scheduler=scheduler, steps=steps, denoise=denoise,
                          timestep_mode=timesteps.resolve(timestep_mode, ms)[0], simulated=simulated, calls=rows)
             calls = [(r["t"], r["rank"]) for r in rows]
-        image, text = plot(max_rank, min_rank, alpha, calls, curve), json.dumps(table)
+            strengths = strength_series(model, call_sigmas)
+            if strengths:
+                table["scheduled_loras"] = [{k: v for k, v in s.items() if k != "curve"} for s in strengths]
+        image, text = plot(max_rank, min_rank, alpha, calls, curve, strengths), json.dumps(table)
         # the plot and the table on the node itself, like ComfyUI's own preview outputs
         return io.NodeOutput(image, text, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": [text]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..engine import lora_path
-from ..engine.scheduled import apply_scheduled_lora, read_lora
+from ..engine.scheduled import apply_scheduled_lora, read_lora, sigma_ticks
 from ..tlora_core import TLoRAError
 from ..tlora_core.strength import SHAPES, StrengthCurve, parse_keyframes
 from .common import file_fingerprint, lora_inputs, model_and_clip
@@ -71,5 +71,8 @@ class TLoRAScheduledLoRA(io.ComfyNode):
         except ValueError as e:
             raise TLoRAError(path, f"bad schedule: {e}") from None
         tl = read_lora(path)
-        return model_and_clip(path, tl, model, clip, strength_clip,
-                              lambda progress: apply_scheduled_lora(model, tl, strength_model, schedule, progress)[0])
+        out = model_and_clip(path, tl, model, clip, strength_clip,
+                             lambda progress: apply_scheduled_lora(model, tl, strength_model, schedule, progress)[0])
+        # the model's sigma at a few percents: the node's live curve labels its progress axis with them
+        ticks = sigma_ticks(model.get_model_object("model_sampling"))
+        return io.NodeOutput(*out.args, ui={"tlora_sigma_ticks": [list(t) for t in ticks]})

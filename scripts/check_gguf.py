@@ -6,7 +6,9 @@ install it; CI tests the refusal of tensors nothing can dequantize instead).
 Writes the tiny SDXL twin as GGUF files with the `gguf` package (the way ComfyUI-GGUF's convert tool does), loads
 each with ComfyUI-GGUF's `UnetLoaderGGUF`, and measures, as tests/comfy/test_storage.py does, the T-LoRA's effect
 against the exact effect on that loaded model, for a LyCORIS file (base rebuilt from the GGUF weights, read with
-ComfyUI-GGUF's own dequantizer) and for its self-contained copy. Prints one JSON line.
+ComfyUI-GGUF's own dequantizer) and for its self-contained copy; and Load LoRA (timestep schedule) with a kohya LoRA
+(LoCon convs included) at constant strength, against the exact LoRA on the same dequantized base, beside
+ComfyUI-GGUF's own LoRA route (`LoraLoader` on its model: patches applied at each dequantize). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def main(argv=None):
     from tools.families import FAMILIES
     from tools.families.base import capture, exact_bases, rel_l2, sigma_for
     from tools.harness.inproc import import_pack
+    from tools.standard_lora import standard_lora
 
     pack = import_pack()
     import folder_paths
@@ -85,6 +88,13 @@ def main(argv=None):
     folder_paths.add_model_folder_path("diffusion_models", str(tmp))
     x, conds = fam.inputs(twin, torch.Generator().manual_seed(3))
     apply = pack.engine.apply
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    plain = standard_lora(twin.patcher, "sdxl")
+    save_file(plain, str(tmp / "plain_lora.safetensors"))
+    sched = pack.engine.scheduled
+    const = pack.tlora_core.strength.StrengthCurve(0.0, 1.0, 1.0, 1.0, "constant")
     rows = []
     for quant in args.quants.split(","):
         write_gguf(sd, tmp / f"sdxl_{quant}.gguf", quant)
@@ -104,8 +114,22 @@ def main(argv=None):
             base = capture(loaded, x, sigma, conds).out
             for w, c in clones.items():
                 errors[w] = max(errors[w], rel_l2(capture(c, x, sigma, conds).out - base, ref - ref_base))
+        # a scheduled standard LoRA at constant strength: its effect against the exact LoRA on the same values
+        deq = {k.removeprefix("diffusion_model."): v for k, v in values.items() if k.startswith("diffusion_model.")}
+        exact_base = storage.load(storage.write(deq, "float32", tmp / f"deq_{quant}.safetensors"), "float32")
+        ours = sched.apply_scheduled_lora(loaded, sched.read_lora(str(tmp / "plain_lora.safetensors")), 0.8,
+                                          const)[0]
+        stock_gguf = comfy.sd.load_lora_for_models(loaded, None, plain, 0.8, 0)[0]
+        sigma = sigma_for(loaded, 500, fam.flow)
+        exact_b = capture(exact_base, x, sigma, conds).out
+        want = capture(comfy.sd.load_lora_for_models(exact_base, None, plain, 0.8, 0)[0], x, sigma, conds).out
+        base = capture(loaded, x, sigma, conds).out
+        scheduled = {"scheduled_lora": rel_l2(capture(ours, x, sigma, conds).out - base, want - exact_b),
+                     "gguf_stock_lora": rel_l2(capture(stock_gguf, x, sigma, conds).out - base, want - exact_b),
+                     "base_vs_dequantized": rel_l2(base, exact_b)}
         rows.append({"quant": quant, "dequant_dtype": args.dequant_dtype, "loaded_as": kind,
-                     **{w: round(e, 6) for w, e in errors.items()}})
+                     **{w: round(e, 6) for w, e in errors.items()}, **{k: float(f"{v:.3g}") for k, v in
+                                                                      scheduled.items()}})
     net.restore()
     print(json.dumps({"gguf": rows}))
 

@@ -41,6 +41,7 @@ class ModuleAdapter:
     svd_base: bool = False  # LyCORIS: the base is the top-R SVD of the model's weight (stored or rebuilt at load)
     conv: bool = False  # 1x1 convolution (weight (out, in, 1, 1))
     tap: bool = False  # conv factors that also run on a k x k conv: at the tap of index `padding`, on its stride
+    kernel: tuple[int, int] | None = None  # a LoCon's k x k down kernel (vanilla only): `down` is (R, in * kh * kw)
 
     @property
     def rank(self) -> int:
@@ -48,7 +49,8 @@ class ModuleAdapter:
 
     @property
     def in_features(self) -> int:
-        return int(self.down.shape[1])
+        taps = 1 if self.kernel is None else self.kernel[0] * self.kernel[1]
+        return int(self.down.shape[1]) // taps
 
     @property
     def out_features(self) -> int:
@@ -57,6 +59,8 @@ class ModuleAdapter:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         shape = (self.out_features, self.in_features)
+        if self.kernel is not None:
+            return shape + self.kernel
         return shape + (1, 1) if self.conv else shape
 
     @property
@@ -88,6 +92,10 @@ class ModuleAdapter:
         only the layer's weight shape tells such a module from a 1x1 conv's.
         """
         shape = tuple(int(d) for d in weight_shape)
+        if self.kernel is not None:
+            if shape != self.weight_shape:
+                return f"layer weight of shape {shape} does not fit a LoCon module for {self.weight_shape}"
+            return None
         if len(shape) > 2 and any(k != 1 for k in shape[2:]) and not self.tap:
             return (f"convolution with kernel {'x'.join(map(str, shape[2:]))} > 1 is not supported "
                     "(LyCORIS tlora saves 1x1 factors for it and cannot run these either)")

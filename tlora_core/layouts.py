@@ -223,7 +223,10 @@ def _export(path: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAd
     factors = _down_up(path, name, g, skipped)
     if factors is None:
         return None
-    down, up, conv, r2 = factors
+    down, up, conv, r2, kernel = factors
+    if kernel is not None:  # LyCORIS' tlora never writes one
+        skipped[name] = "a k x k convolution kernel in a T-LoRA export is not supported"
+        return None
     if r2 % 2:
         raise TLoRAError(path, f"module '{name}' has odd rank {r2}: a LyCORIS tlora export (rank 2R, ranks paired) "
                                "has even rank; set standard_layout to 'ranks' if this is a vanilla T-LoRA")
@@ -234,22 +237,27 @@ def _export(path: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAd
                          base_down=down[r:], base_lam=ones, scale=alpha / r2, conv=conv)
 
 
-def _down_up(path: str, name: str, g: Group,
-             skipped: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, bool, int] | None:
-    """(down, up, conv, rank) of a standard-layout module; None (the reason in `skipped`) for a k x k conv."""
-    down, conv_d = _matrix(path, name, "down", _tensor(path, name, g, "down"))
+def _down_up(path: str, name: str, g: Group, skipped: dict[str, str]
+             ) -> tuple[torch.Tensor, torch.Tensor, bool, int, tuple[int, int] | None] | None:
+    """(down, up, conv, rank, kernel) of a standard-layout module: a LoCon's k x k conv is a k x k down kernel,
+    flattened to (R, in * kh * kw), then a 1x1 up; None (the reason in `skipped`) for other k x k shapes."""
+    raw_down = _tensor(path, name, g, "down")
+    down, conv_d = _matrix(path, name, "down", raw_down)
     up, conv_u = _matrix(path, name, "up", _tensor(path, name, g, "up"))
+    kernel = None
+    if down is None and up is not None and raw_down.ndim == 4:
+        down, kernel = raw_down.flatten(1), (int(raw_down.shape[2]), int(raw_down.shape[3]))
     if down is None or up is None:
-        skipped[name] = "convolution with kernel > 1 is not supported for T-LoRA"
+        skipped[name] = "convolution with kernel > 1 other than a LoCon (k x k down, 1x1 up) is not supported"
         return None
-    return down, up, conv_d or conv_u, _check_rank(path, name, down, up)
+    return down, up, conv_d or conv_u, _check_rank(path, name, down, up), kernel
 
 
 def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) -> ModuleAdapter | None:
     factors = _down_up(path, name, g, skipped)
     if factors is None:
         return None
-    down, up, conv, r = factors
+    down, up, conv, r, kernel = factors
     if fmt == OFFICIAL_VANILLA:
         target = official_target(name)
         if target is None:
@@ -262,9 +270,9 @@ def _vanilla(path: str, fmt: str, name: str, g: Group, skipped: dict[str, str]) 
         return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=1.0)
     if fmt == KOHYA:
         alpha = _alpha(path, name, g.get("alpha"), r)
-        return ModuleAdapter(name=name, kind=VANILLA, up=up, down=down, scale=alpha / r, conv=conv)
+        return ModuleAdapter(name=name, kind=VANILLA, up=up, down=down, scale=alpha / r, conv=conv, kernel=kernel)
     target = re.sub(r"^(base_model\.model\.|unet\.|transformer\.|diffusion_model\.)", "", name)
     # PEFT keeps lora_alpha / r in its adapter config (scale 1 here); an `.alpha` tensor beside the factors is
     # read as ComfyUI reads it
     scale = 1.0 if g.get("alpha") is None else _alpha(path, name, g["alpha"], r) / r
-    return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=scale, conv=conv)
+    return ModuleAdapter(name=target, kind=VANILLA, up=up, down=down, scale=scale, conv=conv, kernel=kernel)

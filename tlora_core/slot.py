@@ -116,7 +116,8 @@ class LayerSlot:
                  out_slice: tuple[int, int] | None, conv: dict[str, Any] | None):
         self.factors, self.active, self.strength = factors, active, strength
         self.out_slice = out_slice  # (start, size) in the output features of a fused layer
-        self.conv = conv  # stride/padding/dilation of a 1x1 conv layer, None for linear
+        self.conv = conv  # the factors' conv arguments on a conv layer (see engine.apply), None for linear
+        self.kernel = factors.adapter.kernel  # a LoCon's k x k down kernel, None for 1x1 factors
         self.rank = factors.rank
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ class LayerSlot:
         n = k * r
         ranks = act.sample_ranks
         if self.conv is not None:
-            h = _fit(F.conv2d(x, down[:n, :, None, None], None, **self.conv), y)
+            h = _fit(F.conv2d(x, self._conv_down(down, n), None, **self.conv), y)
             if ranks is not None:
                 h = h * sample_mask(ranks, self.rank, h, n, k, 1)
             if scales is not None:
@@ -158,6 +159,12 @@ class LayerSlot:
         return y
 
 
+    def _conv_down(self, down: torch.Tensor, n: int) -> torch.Tensor:
+        """The first `n` factor rows as a conv kernel: 1x1, or a LoCon's k x k."""
+        if self.kernel is None:
+            return down[:n, :, None, None]
+        return down[:n].view(n, -1, *self.kernel)
+
     def _static(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Every rank's rows times the call's 0/1 mask: shapes never depend on the rank, so a compiled graph serves
         every step (the prefix slices of the eager path would specialise it on each rank)."""
@@ -166,7 +173,7 @@ class LayerSlot:
         down, up_t, k = self.factors.get(x.dtype, x.device)
         conv = self.conv is not None
         if self.conv is not None:
-            h = _fit(F.conv2d(x, down[:, :, None, None], None, **self.conv), y)
+            h = _fit(F.conv2d(x, self._conv_down(down, down.shape[0]), None, **self.conv), y)
         else:
             h = F.linear(x, down)
         if mask is not None:

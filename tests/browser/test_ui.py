@@ -386,3 +386,43 @@ def test_train_node_draws_its_schedule_and_fills_presets(page, artifacts):
     assert s["ranks"] == [active_rank(t, 64, 16, 2.0) for t in range(1000)]
     page.wait_for_timeout(300)
     page.screenshot(path=str(artifacts / "ui_train_node.png"))
+
+
+def test_scheduled_lora_curve_gets_its_models_sigmas_once_run(page, server, artifacts):
+    """Load LoRA (timestep schedule) built in the editor (UNETLoader -> the node -> the schedule preview): its live
+    curve follows the widgets at once, and once the graph has run it labels the progress axis with the connected
+    model's sigmas (the tiny SDXL: its discrete sigmas, sigma_max at 0 %, sigma_min at 100 %)."""
+    from tests.conftest import STYLE_LORA_SDXL
+    from tests.server.test_sampling import discrete_sigmas
+
+    page.evaluate("""(lora) => {
+        const g = window.app.graph; g.clear();
+        const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; g.add(n); return n; };
+        const set = (n, name, v) => { const w = n.widgets.find(w => w.name === name); w.value = v; w.callback?.(v); };
+        const u = add('UNETLoader', [40, 60]), s = add('TLoRAScheduledLoRA', [360, 60]),
+              p = add('TLoRASchedulePreview', [760, 60]);
+        set(u, 'unet_name', 'sdxl_koala_comfy.safetensors');
+        set(s, 'lora_name', lora);
+        set(s, 'start_percent', 0.5); set(s, 'strength_start', 0.0); set(s, 'curve', 'linear');
+        set(p, 'max_rank', 4);
+        u.connect(0, s, s.findInputSlot('model'));
+        s.connect(0, p, p.findInputSlot('model'));
+    }""", STYLE_LORA_SDXL)
+    get = """() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRAScheduledLoRA');
+        const st = n.tloraScheduled; return st && st.curve ? {values: st.curve.values, ticks: st.curve.ticks ?? null,
+        raw: st.sigmaTicks} : null; }"""
+    page.wait_for_function(f"() => !!({get})()", timeout=20_000)
+    before = page.evaluate(get)
+    assert before["ticks"] is None and before["values"][0] == 0 and before["values"][-1] == pytest.approx(1.0)
+    entry = _queue_and_wait(page, server)
+    assert entry["status"].get("completed"), entry["status"]
+    page.wait_for_function(f"() => {{ const s = ({get})(); return s && s.ticks; }}", timeout=30_000)
+    after = page.evaluate(get)
+    sig = discrete_sigmas()
+    assert [p for p, _ in after["raw"]] == [0, 0.25, 0.5, 0.75, 1]
+    assert after["raw"][0][1] == pytest.approx(sig[-1], rel=1e-5) and after["raw"][-1][1] == pytest.approx(sig[0],
+                                                                                                         rel=1e-5)
+    assert [lab for _, lab in after["ticks"]][0] == f"σ {sig[-1]:.3g}", after["ticks"]
+    assert after["values"] == before["values"]
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(artifacts / "ui_scheduled_sigma_axis.png"))

@@ -1,21 +1,21 @@
 """Load LoRA (timestep schedule): a standard LoRA at each model call's strength, against ComfyUI's own LoraLoader.
 
-For SD 1.5 and SDXL (kohya names), Flux.1 (diffusers names: row slices of the fused qkv) and Wan 2.1 (ComfyUI's
-`diffusion_model.` names, PEFT lora_A / lora_B): a seeded LoRA of every Linear ComfyUI's key map knows; the stock
-route is `comfy.sd.load_lora_for_models` (weights patched) at the strength the curve gives, the pack's the per-call
-slots. At constant strength over the whole range the two outputs agree to fp32 round-off; on a curve, every call
-agrees with stock at that call's strength, and outside the range the output is the base model's exactly.
+For SD 1.5 and SDXL (kohya names, every conv as a LoCon with 3x3 down kernels), Flux.1 (diffusers names: row slices
+of the fused qkv) and Wan 2.1 (ComfyUI's `diffusion_model.` names, PEFT lora_A / lora_B): a seeded LoRA of every
+weight ComfyUI's key map knows (`tools.standard_lora`); the stock route is `comfy.sd.load_lora_for_models` (weights
+patched) at the strength the curve gives, the pack's the per-call slots. At constant strength over the whole range
+the two outputs agree to fp32 round-off; on a curve, every call agrees with stock at that call's strength, and
+outside the range the output is the base model's exactly.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from tools import families
 from tools.families.base import capture, rel_l2
+from tools.standard_lora import standard_lora
 
 R, ALPHA, STRENGTH = 4, 2.0, 0.8
 TOL = 1e-4  # relative L2 of the effect: patched weights against activation-space slots, both fp32
@@ -23,33 +23,7 @@ FAMILIES = ("sd15", "sdxl", "flux", "wan21")
 
 
 def _lora(patcher, family: str) -> dict[str, torch.Tensor]:
-    """A seeded standard LoRA in the names a LoRA of this family has: kohya for the UNets, diffusers (PEFT) for
-    Flux, ComfyUI's own `diffusion_model.` names (PEFT) for Wan."""
-    import comfy.lora
-
-    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
-    g = torch.Generator().manual_seed(3)
-    prefix = {"sd15": "lora_unet_", "sdxl": "lora_unet_", "flux": "transformer.", "wan21": "diffusion_model."}[family]
-    weights = patcher.model.state_dict()
-    sd, seen = {}, set()
-    for name, target in key_map.items():
-        if not name.startswith(prefix) or (family == "wan21" and name.startswith("diffusion_model.") and
-                                           not name.startswith("diffusion_model.blocks.")):
-            continue
-        key = target if isinstance(target, str) else target[0]
-        w = weights.get(key)
-        if w is None or w.ndim != 2 or str(target) in seen:  # one name per weight (or slice), as a file has
-            continue
-        seen.add(str(target))
-        out = w.shape[0] if isinstance(target, str) or target[1] is None else target[1][2]
-        down = torch.randn(R, w.shape[1], generator=g) / math.sqrt(w.shape[1])
-        up = 0.5 * torch.randn(out, R, generator=g) / math.sqrt(R)
-        if prefix == "lora_unet_":
-            sd |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(ALPHA)}
-        else:
-            sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up, f"{name}.alpha": torch.tensor(ALPHA)}
-    assert len(sd) >= 3 * 8, f"{family}: only {len(sd) // 3} modules"
-    return sd
+    return standard_lora(patcher, family, R, ALPHA)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -134,3 +134,39 @@ def test_the_same_schedule_by_comfys_hook_keyframes_gives_the_same_image(server,
     assert np.abs(node - none).mean() > 0.5, "the LoRA has no visible effect"
     assert np.abs(node - hooks).max() <= 2.0 and np.abs(node - hooks).mean() < 0.1, \
         (np.abs(node - hooks).max(), np.abs(node - hooks).mean())
+
+
+def test_the_preview_shows_each_calls_strength_and_the_node_its_models_sigmas(server, tiny):
+    """The schedule preview, given the scheduled model, shows the strength every call of a sampler gets (heun,
+    karras: two calls per step); the node sends the sigmas of its model's sampling for its curve's axis."""
+    import json
+    from pathlib import Path
+
+    p = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": Path(tiny["sdxl"]["comfy_file"]).name,
+                                                      "weight_dtype": "default"}},
+         "2": {"class_type": "TLoRAScheduledLoRA", "inputs": {
+             "model": ["1", 0], "lora_name": STYLE_LORA_SDXL, "strength_model": 0.8, "strength_clip": 0.0,
+             "start_percent": 0.5, "end_percent": 1.0, "strength_start": 0.0, "strength_end": 1.0,
+             "curve": "linear", "keyframes": ""}},
+         "3": {"class_type": "TLoRASchedulePreview", "inputs": {
+             "max_rank": 4, "min_rank": 1, "alpha": 1.0, "model": ["2", 0], "sampler_name": "heun",
+             "scheduler": "karras", "steps": 6, "denoise": 1.0, "timestep_mode": "auto", "curve": "power"}}}
+    out = server.run(p)["outputs"]
+    sig = discrete_sigmas()
+    ticks = out["2"]["tlora_sigma_ticks"]
+    assert [t[0] for t in ticks] == [0.0, 0.25, 0.5, 0.75, 1.0], ticks
+    assert ticks[0][1] == pytest.approx(sig[-1], rel=1e-5) and ticks[-1][1] == pytest.approx(sig[0], rel=1e-5)
+    for pct, sigma in ticks[1:-1]:
+        assert percent_of(sigma) == pytest.approx(pct, abs=1e-3), ticks
+    assert len(out["3"]["images"]) == 1
+    table = json.loads(out["3"]["text"][0])
+    [lora] = table["scheduled_loras"]
+    assert lora["name"] == Path(STYLE_LORA_SDXL).name and lora["strength_model"] == 0.8
+    calls = lora["calls"]
+    assert len(calls) == 2 * 6 - 1 and [c["sigma"] for c in calls] == [r["sigma"] for r in table["calls"]]
+    for c in calls:
+        pct = percent_of(c["sigma"])
+        want = 0.0 if pct < 0.5 else 0.8 * (pct - 0.5) / 0.5
+        assert c["strength"] == pytest.approx(want, abs=2e-3), (c, pct)
+        assert c["percent"] == pytest.approx(pct, abs=1e-3), c
+    assert sum(c["strength"] > 0 for c in calls) >= 3 and sum(c["strength"] == 0 for c in calls) >= 3

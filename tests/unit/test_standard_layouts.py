@@ -63,11 +63,12 @@ def test_kohya_layout_is_refused_by_default(locon, tmp_path, metadata):
 
 def _check_kohya(tl, net):
     assert tl.format == KOHYA and tl.naming == "kohya"
-    assert set(tl.modules) == {"lycoris_block_to_k", "lycoris_block_ff", "lycoris_block_conv1"}
-    assert "kernel" in tl.skipped["lycoris_block_conv3"]
+    # the 3x3 conv is a LoCon: a 3x3 down kernel and a 1x1 up, its rank prefixes as sliceable as a Linear's
+    assert set(tl.modules) == {"lycoris_block_to_k", "lycoris_block_ff", "lycoris_block_conv1", "lycoris_block_conv3"}
+    assert not tl.skipped and tl.modules["lycoris_block_conv3"].kernel == (3, 3)
+    assert tl.modules["lycoris_block_conv3"].fit_error((10, 6, 3, 3)) is None
+    assert "LoCon" in tl.modules["lycoris_block_conv3"].fit_error((10, 6, 5, 5))
     for lora in net.loras:
-        if lora.lora_name == "lycoris_block_conv3":
-            continue
         m = tl.modules[lora.lora_name]
         assert m.kind == VANILLA and m.rank == RANK
         assert m.scale == pytest.approx(ALPHA / RANK)
