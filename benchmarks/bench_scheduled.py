@@ -7,18 +7,21 @@ one JSON, every variant sampled by ComfyUI's own `comfy.sample.sample` (euler, n
   node_fade   the node fading the LoRA in over the last half (linear 0 -> 1 from 50 %)
   hooks_fade  the same fade by ComfyUI's hook keyframes (strength 0 from 0 %, 1 from 50 %: weights re-patched at the
               keyframe; its schedule is a step, the node's a ramp, which costs the node nothing more)
-Usage: `python benchmarks/bench_scheduled.py` (CPU, one torch thread, the tiny SDXL layout of bench_step.py; `--steps`,
-`--repeats`, `--rank`, `--threads`, `--every-linear`).
+Usage: `python benchmarks/bench_scheduled.py` (CPU, one torch thread, the tiny SDXL layout of bench_step.py, rank 16),
+`--sdxl` (CUDA, SDXL's full shape in bf16, 1024², rank 64), `--tiny-shape` (smoke test); `--steps`, `--repeats`,
+`--rank`, `--threads`, `--every-linear`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_step import TINY_SPEC, build_models, comfy_version  # noqa: E402
+from bench_step import SDXL_SPEC, SMOKE_SPEC, TINY_SPEC, build_models, comfy_version  # noqa: E402
 
 from tools.harness.inproc import import_pack  # noqa: E402
 
@@ -60,7 +63,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--sdxl", action="store_true", help="SDXL's full shape on CUDA in bf16, 1024², rank 64")
+    ap.add_argument("--tiny-shape", action="store_true", help="a tiny UNet on the CPU (a smoke test of the code)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     ap.add_argument("--every-linear", action="store_true",
                     help="the LoRA on every Linear (time and class embeddings, resblocks' embedding projections)")
@@ -77,19 +82,26 @@ def main(argv=None) -> int:
     import comfy.utils
     from safetensors.torch import save_file
 
-    dev = torch.device("cpu")
-    models = build_models(comfy, TINY_SPEC, False, dev, torch.float32, torch.float32)
-    patcher = comfy.model_patcher.ModelPatcher(models.f32, load_device=dev, offload_device=dev)
-    sd = lora_for(comfy, models.f32, args.rank, every_linear=args.every_linear)
-    path = Path(f"/tmp/bench_scheduled_{args.rank}.safetensors")
+    spec, dev, dtype, lat, rank = TINY_SPEC, torch.device("cpu"), torch.float32, 32, 16
+    if args.sdxl:
+        spec, dev, dtype, lat, rank = SDXL_SPEC, torch.device("cuda"), torch.bfloat16, 128, 64
+    elif args.tiny_shape:
+        spec, lat, rank = SMOKE_SPEC, 16, 8
+    rank = args.rank or rank
+    models = build_models(comfy, spec, args.sdxl, dev, dtype, dtype)
+    timed = models.lo if args.sdxl else models.f32
+    del models
+    patcher = comfy.model_patcher.ModelPatcher(timed, load_device=dev, offload_device=dev)
+    sd = lora_for(comfy, timed, rank, every_linear=args.every_linear)
+    path = Path(tempfile.mkdtemp(prefix="tlora_bench_")) / f"lora_{rank}.safetensors"
     save_file(sd, str(path))
     tl = pack.engine.scheduled.read_lora(str(path))
     curve = pack.tlora_core.strength
     g = torch.Generator().manual_seed(1)
-    ctx, pooled = TINY_SPEC.context_dim, TINY_SPEC.pooled_dim
+    ctx, pooled = spec.context_dim, spec.pooled_dim
     pos = [[torch.randn(1, 77, ctx, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
     neg = [[torch.randn(1, 77, ctx, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
-    latent = torch.zeros(1, 4, 32, 32)
+    latent = torch.zeros(1, 4, lat, lat)
     noise = torch.randn(latent.shape, generator=g)
     hooks = comfy.hooks.create_hook_lora(sd, 1.0, 0.0)
     kf = comfy.hooks.HookKeyframeGroup()
@@ -107,21 +119,30 @@ def main(argv=None) -> int:
             patcher, tl, 1.0, curve.StrengthCurve(0.5, 1.0, 0.0, 1.0, "linear"))[0], pos, neg),
         "hooks_fade": (patcher, hooked[0], hooked[1]),
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    # rounds interleave the variants; the first warms up (and loads the LoRA once); each variant's figure is its
-    # fastest round (interference on a shared machine only adds time), the median of rounds beside it
+    times: dict[str, list[list[float]]] = {k: [] for k in variants}
+    # rounds interleave the variants; the first warms up (and loads the LoRA once); each step's figure is its
+    # fastest round (interference on a shared machine only adds time), the median of the rounds' means beside it
     for _ in range(args.repeats + 1):
         for name, (model, p, n) in variants.items():
             # timed between the sampler's step callbacks: the steps themselves (a hook keyframe's re-patching
             # included), not loading the variant's model (switching variants re-patches the shared weights)
             stamps: list[float] = []
+
+            def stamp(*_, into=stamps):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                into.append(time.perf_counter())
+
             comfy.sample.sample(model, noise, args.steps, 4.0, "euler", "normal", p, n, latent, denoise=1.0,
-                                disable_pbar=True, seed=0, callback=lambda *a, s=stamps: s.append(time.perf_counter()))
-            times[name].append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
-    per_step = {k: min(v[1:]) for k, v in times.items()}
-    median = {k: statistics.median(v[1:]) for k, v in times.items()}
-    out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "comfyui": comfy_version(), "threads": torch.get_num_threads(), "steps": args.steps, "rank": args.rank,
+                                disable_pbar=True, seed=0, callback=stamp)
+            times[name].append([b - a for a, b in itertools.pairwise(stamps)])
+    # each step's fastest round, then the mean over the steps (a fade's steps differ: each is compared with itself)
+    per_step = {k: statistics.fmean(min(r[i] for r in v[1:]) for i in range(len(v[1]))) for k, v in times.items()}
+    median = {k: statistics.median(statistics.fmean(r) for r in v[1:]) for k, v in times.items()}
+    out = {"machine": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+           or platform.machine(), "torch": torch.__version__, "comfyui": comfy_version(),
+           "shape": "sdxl" if args.sdxl else "smoke" if args.tiny_shape else "tiny", "dtype": str(dtype),
+           "latent": lat, "threads": torch.get_num_threads(), "steps": args.steps, "rank": rank,
            "modules": len(tl.modules), "targets": "every Linear" if args.every_linear else "kohya's default",
            "seconds_per_step": per_step, "median_of_rounds": median,
            "ratios": {"node_const / base": per_step["node_const"] / per_step["base"],

@@ -4,6 +4,8 @@
 #                                            (12B-shaped, bf16, 1024², rank 64), load at SDXL shape, where the time goes
 #                                            training step and peak memory (SDXL 1024², rank 64 and 32) against
 #                                            ComfyUI's TrainLoraNode, Dynamic VRAM on/off end to end on ComfyUI 0.33
+#                                            (T-LoRA, scheduled LoRA and hook keyframes), scheduled LoRA per step
+#                                            (SDXL bf16 1024², rank 64) against the base, a static LoRA and hooks
 #   bash benchmarks/gpu.sh --smoke [OUTDIR]  the same code paths on the CPU at a tiny size (~4 minutes)
 # OUTDIR defaults to $OUT (the device machine's return folder) or benchmarks_out/. A failed benchmark is reported
 # with its log's tail and the others still run; the exit status says whether all passed.
@@ -23,6 +25,7 @@ if [ "$smoke" = 1 ]; then
   train64=(--sdxl --tiny-shape --device cpu)
   train32=(--sdxl --tiny-shape --device cpu --rank 4)
   dyn=(--cpu)
+  sched=(--tiny-shape --steps 4 --repeats 1)
 else
   step=(--sdxl)
   flux=(--hidden 3072 --double 19 --single 38 --latent 128 --rank 64 --steps 25 --rounds 2 --device cuda
@@ -32,6 +35,7 @@ else
   train64=(--sdxl --rank 64)
   train32=(--sdxl --rank 32)
   dyn=()
+  sched=(--sdxl --steps 25 --repeats 2)
 fi
 
 rc=0
@@ -55,4 +59,5 @@ run profile_step benchmarks/profile_step.py "${prof[@]}"
 run bench_train_r64 benchmarks/bench_train.py "${train64[@]}"
 run bench_train_r32 benchmarks/bench_train.py "${train32[@]}"
 run bench_dynamic benchmarks/bench_dynamic.py "${dyn[@]}"
+run bench_scheduled benchmarks/bench_scheduled.py "${sched[@]}"
 exit $rc

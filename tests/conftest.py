@@ -87,19 +87,6 @@ SD_SCRIPTS_SDXL = "sd_scripts_tlora_sdxl.safetensors"
 STYLE_LORA_SDXL = "style_lora_sdxl.safetensors"  # a plain kohya LoRA, for Load LoRA (timestep schedule)
 
 
-def _write_style_lora_sdxl(checkpoint: Path, out: Path) -> None:
-    """A standard kohya LoRA of every attention Linear of the tiny SDXL (seeded; no T-LoRA marker)."""
-    from safetensors import safe_open
-
-    from tools import writer_files
-
-    with safe_open(str(checkpoint), "pt") as f:
-        layers = [writer_files.Layer("lora_unet_" + k.removesuffix(".weight").replace(".", "_"), *shape)
-                  for k in f.keys() if k.endswith(".weight") and ".attn" in k
-                  and len(shape := f.get_slice(k).get_shape()) == 2]
-    writer_files.write_vanilla(out, layers, 4, 4.0, {"ss_network_module": "networks.lora"}, seed=6)
-
-
 def _write_sd_scripts_sdxl(checkpoint: Path, out: Path) -> None:
     """A T-LoRA in the layout of sd-scripts with 67372a's LyCORIS fork on the tiny SDXL: kohya names of every
     attention Linear and 3x3 conv of the UNet, the stored base, `algo: tlora` and no min_rank (its default:
@@ -127,7 +114,7 @@ def loras(tiny, tmp_path_factory) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from tools import tiny_models
+    from tools import tiny_models, writer_files
 
     folder = tmp_path_factory.mktemp("loras")
     for family, seed in (("sdxl", 1), ("sd15", 2)):
@@ -147,7 +134,7 @@ def loras(tiny, tmp_path_factory) -> Path:
     (folder / "tlora_flux").mkdir()
     tiny_models.write_official_flux_pt(flux, folder / "tlora_flux" / "lora.pt", RANK, seed=3, strength=0.5)
     _write_sd_scripts_sdxl(Path(tiny["sdxl"]["comfy_file"]), folder / SD_SCRIPTS_SDXL)
-    _write_style_lora_sdxl(Path(tiny["sdxl"]["comfy_file"]), folder / STYLE_LORA_SDXL)
+    writer_files.write_style_lora(Path(tiny["sdxl"]["comfy_file"]), folder / STYLE_LORA_SDXL)
     # files the loader must refuse with the server's own message: a VAE, a stock kohya LoRA (no T-LoRA marker)
     (folder / "not_a_lora.safetensors").symlink_to(Path(tiny["vae"]["vae_4ch"]).absolute())
     from safetensors.torch import save_file

@@ -172,3 +172,47 @@ def test_it_stacks_with_a_stock_lora_and_another_scheduled_lora(pack, tmp_path):
     assert rel_l2(want, base) > 1e-3 and rel_l2(got - base, want - base) < TOL
     assert torch.equal(capture(patcher, x, sigma, conds).out, base)  # the input model is untouched
     assert torch.equal(capture(stock_a, x, sigma, conds).out, capture(_stock(patcher, sd, 1.0), x, sigma, conds).out)
+
+
+def test_it_stacks_with_a_tlora(pack, tmp_path):
+    """Load T-LoRA (a vanilla T-LoRA A in kohya layout, rank 4, min_rank 1) then this node with B (constant 0.6): at
+    every call, equal to stock LoraLoader applying A's first r(t) ranks (alpha scaled to keep A's alpha / R) and B at
+    0.6; the model given to each node is never modified."""
+    from safetensors.torch import save_file
+
+    fam = families.FAMILIES["sdxl"]
+    twin = fam.build(21)
+    patcher = twin.patcher
+    x, conds = fam.inputs(twin, torch.Generator().manual_seed(5))
+    a, b = standard_lora(patcher, "sdxl", R, ALPHA, seed=3), standard_lora(patcher, "sdxl", R, ALPHA, seed=9)
+    paths = {"a": tmp_path / "a_vanilla_tlora.safetensors", "b": tmp_path / "b.safetensors"}
+    save_file(a, str(paths["a"]))
+    save_file(b, str(paths["b"]))
+    before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    engine = pack.engine
+    tl = engine.files.read_file(str(paths["a"]), assume_vanilla=True)
+    with_tlora, app = engine.apply.apply_tlora(patcher, tl, engine.apply.Settings(1.0, R, 1, 1.0))
+    const = pack.tlora_core.strength.StrengthCurve(0.0, 1.0, 1.0, 1.0, "constant")
+    ours, _ = engine.scheduled.apply_scheduled_lora(with_tlora, engine.scheduled.read_lora(str(paths["b"])), 0.6,
+                                                    const)
+    ms = patcher.get_model_object("model_sampling")
+    seen = set()
+    for pct in (0.05, 0.4, 0.7, 0.98):
+        sigma = torch.tensor([float(ms.percent_to_sigma(pct))])
+        r = app.state.ranks_for(sigma, ms)[1][0]
+        seen.add(r)
+        first_r = {}
+        for k, v in a.items():
+            if k.endswith("lora_down.weight"):
+                first_r[k] = v[:r]
+            elif k.endswith("lora_up.weight"):
+                first_r[k] = v[:, :r]
+            else:
+                first_r[k] = v * r / R
+        ref = _stock(_stock(patcher, first_r, 1.0), b, 0.6)
+        base = capture(patcher, x, sigma, conds).out
+        want = capture(ref, x, sigma, conds).out
+        got = capture(ours, x, sigma, conds).out
+        assert rel_l2(got - base, want - base) < TOL, (pct, r, rel_l2(got - base, want - base))
+    assert len(seen) >= 3, seen  # the T-LoRA's rank really changed between the calls
+    assert all(torch.equal(v, before[k]) for k, v in patcher.model.state_dict().items())

@@ -30,6 +30,34 @@ def tlora(lora_name: str, **inputs) -> tuple[str, dict]:
     return "TLoRALoader", {**base, **inputs}
 
 
+def scheduled_lora(lora_name: str, **inputs) -> tuple[str, dict]:
+    """A Load LoRA (timestep schedule) step of a model chain (constant strength 1 over the whole range unless told)."""
+    base = {"lora_name": lora_name, "strength_model": 1.0, "strength_clip": 0.0, "start_percent": 0.0,
+            "end_percent": 1.0, "strength_start": 1.0, "strength_end": 1.0, "curve": "constant", "keyframes": ""}
+    return "TLoRAScheduledLoRA", {**base, **inputs}
+
+
+def with_hook_keyframes(prompt: dict, lora_name: str, strength: float, keyframes: list[tuple[float, float]]) -> dict:
+    """`prompt` with the LoRA on ComfyUI's hook route (CreateHookLoraModelOnly, one CreateHookKeyframe per
+    (start_percent, strength_mult), SetHookKeyframes, ConditioningSetProperties on both conditionings)."""
+    p = dict(prompt)
+    p["hook"] = {"class_type": "CreateHookLoraModelOnly", "inputs": {"lora_name": lora_name,
+                                                                     "strength_model": strength}}
+    prev = None
+    for i, (pct, mult) in enumerate(keyframes):
+        p[f"kf{i}"] = {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": mult, "start_percent": pct,
+                                                                      **({"prev_hook_kf": prev} if prev else {})}}
+        prev = [f"kf{i}", 0]
+    p["hooked"] = {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["hook", 0], "hook_kf": prev}}
+    for c in ("pos", "neg"):
+        p[f"{c}_hooked"] = {"class_type": "ConditioningSetProperties", "inputs": {
+            "cond_NEW": [c, 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["hooked", 0]}}
+    for node in p.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"] = {**node["inputs"], "positive": ["pos_hooked", 0], "negative": ["neg_hooked", 0]}
+    return p
+
+
 def stock_lora(lora_name: str, strength: float = 1.0) -> tuple[str, dict]:
     """A stock `LoraLoaderModelOnly` step of a model chain."""
     return "LoraLoaderModelOnly", {"lora_name": lora_name, "strength_model": strength}
@@ -60,6 +88,12 @@ def graph(tiny, family: str = "sdxl", chains=((),), steps: int = 2, seed: int = 
         p[f"save{b}"] = {"class_type": "SaveLatent",
                          "inputs": {"samples": [f"ks{b}", 0], "filename_prefix": f"reliability/b{b}"}}
     return p
+
+
+def graph_nonce(prompt: dict) -> dict:
+    """`prompt` with new nonces on its samplers: they run again (the loaders stay cached)."""
+    return {k: {**v, "inputs": {**v["inputs"], "_nonce": uuid.uuid4().hex}} if v["class_type"] == "KSampler" else v
+            for k, v in prompt.items()}
 
 
 def cached_nodes(entry: dict) -> set[str]:
