@@ -99,7 +99,6 @@ def apply_scheduled_lora(patcher, tl: TLoRA, strength: float, curve: StrengthCur
     return clone, app
 
 
-
 def scheduled_loras(patcher) -> list[tuple[str, float, StrengthRule]]:
     """The scheduled LoRAs on a model, in the order they were applied: (file name, strength_model, rule)."""
     import comfy.patcher_extension
