@@ -139,12 +139,13 @@ def main(argv=None) -> int:
     # each step's fastest round, then the mean over the steps (a fade's steps differ: each is compared with itself)
     per_step = {k: statistics.fmean(min(r[i] for r in v[1:]) for i in range(len(v[1]))) for k, v in times.items()}
     median = {k: statistics.median(statistics.fmean(r) for r in v[1:]) for k, v in times.items()}
+    steps = {k: [round(min(r[i] for r in v[1:]), 4) for i in range(len(v[1]))] for k, v in times.items()}
     out = {"machine": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
            or platform.machine(), "torch": torch.__version__, "comfyui": comfy_version(),
            "shape": "sdxl" if args.sdxl else "smoke" if args.tiny_shape else "tiny", "dtype": str(dtype),
            "latent": lat, "threads": torch.get_num_threads(), "steps": args.steps, "rank": rank,
            "modules": len(tl.modules), "targets": "every Linear" if args.every_linear else "kohya's default",
-           "seconds_per_step": per_step, "median_of_rounds": median,
+           "seconds_per_step": per_step, "median_of_rounds": median, "each_step": steps,
            "ratios": {"node_const / base": per_step["node_const"] / per_step["base"],
                       "node_fade / base": per_step["node_fade"] / per_step["base"],
                       "static / base": per_step["static"] / per_step["base"],
