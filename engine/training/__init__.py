@@ -1,0 +1,120 @@
+"""Train T-LoRA on a ComfyUI model: targets from the loader's key maps, the principal SVD init, a per-sample rank
+from each sample's own sigma, ComfyUI's own guider for the model call, and a standard LyCORIS `tlora` file.
+
+The loop runs inside `Guider_Basic.sample` as a `comfy.samplers.Sampler` (what ComfyUI's own trainer does): that
+brings ComfyUI's conditioning processing (SDXL size conds, Flux guidance, ...), model loading, and other nodes'
+wrappers. The trainable modules sit in the target layers as slots of the pack's forward dispatcher (activation
+space: the weights are never touched, any storage works), and the pack's APPLY_MODEL rule turns each call's sigma
+into each sample's rank, the rule inference uses. The rank stays set through the backward pass (gradient
+checkpointing recomputes the forward there) and is cleared after it.
+
+The input model is left as it was: the training runs on a clone, its slots, wrappers and checkpointing are removed
+in `finally`, and the only change to the shared weights is that tensors created under inference mode are replaced by
+normal copies of the same values (autograd cannot save inference tensors), so sampling with the input model after
+training is bit-identical to before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import comfy.model_management
+import torch
+
+from ...tlora_core import TLoRAError
+from ...tlora_core.embed import source_record
+from ...tlora_core.training import TrainableTLoRA, lycoris_config
+from .. import timesteps
+from ..patcher import require_api
+from ..train_targets import LYCORIS_CLASSES, trainable_targets
+from .checkpointing import saved_copies
+from .files import RunFiles
+from .loop import Loop, TrainSampler
+from .modules import init_modules, resume_modules
+from .patch import KEY, TrainingPatch, TrainSlot, deinference
+from .settings import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, Progress, TrainResult, TrainSettings
+
+log = logging.getLogger("tlora.train")
+
+__all__ = ["DTYPES", "KEY", "LOSS_SPACES", "OPTIMIZERS", "SAMPLINGS", "TrainResult", "TrainSettings", "TrainSlot",
+           "TrainableTLoRA", "TrainingPatch", "check_inputs", "deinference", "saved_copies", "train"]
+
+
+def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str) -> str:
+    """Everything that can be refused before any work; returns the timestep rule's description."""
+    problems = s.problems()
+    if problems:
+        raise TLoRAError(out, "; ".join(problems))
+    if not latents:
+        raise TLoRAError(out, "no latents to train on: connect the encoded training image(s)")
+    shapes = {tuple(t.shape[1:]) for t in latents}
+    if len(shapes) > 1:
+        raise TLoRAError(out, f"latents of different sizes {sorted(shapes)}: resize the training images to one size")
+    n = sum(t.shape[0] for t in latents)
+    if len(positive) not in (1, n):
+        raise TLoRAError(out, f"{len(positive)} conditionings for {n} latents: give one conditioning, or one per "
+                              "latent")
+    require_api(patcher)
+    try:
+        return timesteps.resolve(s.timestep_mode, patcher.get_model_object("model_sampling"), patcher.model)[1]
+    except ValueError as e:
+        raise TLoRAError(out, str(e)) from None
+
+
+def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str,
+          resume: str | None = None, progress: Progress | None = None,
+          svd_progress: Callable[[int, int], None] | None = None, source_name: str = "") -> TrainResult:
+    """Train a T-LoRA on `patcher`'s model and write it to `out`. `positive`: one conditioning (a list of [tensor,
+    dict] entries, its first entry used) for all latents, or one per latent."""
+    t0 = time.perf_counter()
+    how = check_inputs(patcher, latents, positive, s, out)
+    targets = trainable_targets(patcher.model, s.targets)
+    if not targets:
+        raise TLoRAError(out, f"no layer of this {type(patcher.model).__name__} model is known to the key maps "
+                              f"under the '{s.targets}' targets: the pack cannot map this family")
+    device = comfy.model_management.get_torch_device()
+    modules, digests, storage = init_modules(patcher, targets, s, out, device, svd_progress)
+    steps_before = resume_modules(modules, resume, s) if resume else 0
+    with torch.inference_mode(False):
+        for m in modules.values():
+            m.to(device)
+    log.info("Train T-LoRA: %d modules (%s) on %s, rank %d, min_rank %d, alpha %g, %d steps; timesteps: %s",
+             len(modules), s.targets, type(patcher.model).__name__, s.rank, s.min_rank, s.alpha, s.steps, how)
+
+    latent = torch.cat(latents).float()
+    cond_of = [0] * latent.shape[0] if len(positive) == 1 else list(range(latent.shape[0]))
+    entries = [c[0] for c in positive]
+    if s.guidance and (patcher.model.model_config.unet_config.get("guidance_embed")):
+        entries = [[t, {**d, "guidance": s.guidance}] for t, d in entries]
+
+    patch = TrainingPatch(patcher, targets, modules, s)
+    config = lycoris_config(s.rank, s.linear_alpha or s.rank, s.min_rank, s.alpha, LYCORIS_CLASSES[s.targets])
+    facts = {"timesteps": how, "modules": len(modules), "images": int(latent.shape[0]),
+             "model": type(patcher.model).__name__}
+    files = RunFiles(out, modules, s, config, source_record(source_name, digests, storage, "Train T-LoRA"), facts,
+                     steps_before, resume)
+
+    loop = Loop(s, modules, patch, files.checkpoint, progress, device)
+    try:
+        with torch.inference_mode(False):
+            patch.load()
+            from comfy_extras.nodes_custom_sampler import Guider_Basic
+
+            guider = Guider_Basic(patch.clone)
+            guider.set_conds(entries)
+            guider.sample(torch.zeros_like(latent), latent, TrainSampler(loop, cond_of), torch.arange(latent.shape[0]),
+                          seed=s.seed)
+    except comfy.model_management.InterruptProcessingException:
+        log.warning("Train T-LoRA interrupted after %d of %d steps: no file written%s", len(loop.losses), s.steps,
+                    f"; checkpoints kept: {', '.join(loop.checkpoints)}" if loop.checkpoints else "")
+        raise
+    finally:
+        patch.close()
+    files.final(s.steps)
+    log.info("Train T-LoRA: wrote %s (%d modules, %d steps, loss %.4g -> %.4g)", out, len(modules), s.steps,
+             loop.losses[0], loop.losses[-1])
+    return TrainResult(out, loop.losses, modules, patch.state.calls, loop.checkpoints, time.perf_counter() - t0,
+                       loop.drawn)
+

@@ -1,0 +1,50 @@
+"""What a run writes: the trained file, its checkpoints on the way, and the `tlora_training` record in them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ...tlora_core.training import TrainableTLoRA, write_trained
+from .settings import TrainSettings
+
+log = logging.getLogger("tlora.train")
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+
+        return str(comfyui_version.__version__)
+    except ImportError:
+        return "unknown"
+
+
+class RunFiles:
+    """The files of one run at `out`: checkpoints `<stem>_step<N>.safetensors` and the final file, each with the
+    run's settings and the steps done (counting those of the file it resumed from)."""
+
+    def __init__(self, out: str, modules: Mapping[str, TrainableTLoRA], s: TrainSettings, config: dict[str, Any],
+                 base_source: dict[str, Any] | None, facts: dict[str, Any], steps_before: int = 0,
+                 resume: str | None = None):
+        self.out, self.modules, self.s, self.config = out, modules, s, config
+        self.base_source = base_source if s.store_base else None
+        self.facts, self.steps_before, self.resume = facts, steps_before, resume
+
+    def record(self, steps_done: int) -> dict[str, Any]:
+        return {**self.s.record(), **self.facts, "steps": self.steps_before + steps_done, "comfyui": comfy_version(),
+                "resumed_from": os.path.basename(self.resume) if self.resume else None}
+
+    def checkpoint_path(self, steps_done: int) -> str:
+        return f"{self.out[: -len('.safetensors')]}_step{self.steps_before + steps_done}.safetensors"
+
+    def checkpoint(self, steps_done: int) -> str:
+        path = self.checkpoint_path(steps_done)
+        write_trained(path, self.modules, self.config, self.record(steps_done), self.base_source)
+        log.info("Train T-LoRA: checkpoint %s", path)
+        return path
+
+    def final(self, steps_done: int) -> str:
+        return write_trained(self.out, self.modules, self.config, self.record(steps_done), self.base_source)

@@ -1,0 +1,68 @@
+"""The trainable modules of a run: the principal SVD init of every target (through the SVD cache the loader shares),
+or the factors of a file to resume from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ...tlora_core import TLoRAError, load_tlora
+from ...tlora_core.digest import weight_digest
+from ...tlora_core.svd import compute_base_triplets, default_workers
+from ...tlora_core.training import TrainableTLoRA
+from .. import bases
+from ..files import svd_cache
+from ..plan import LayerTarget
+from ..train_targets import TrainTarget
+from ..weights import UnreadableWeight, layer_weight
+from .settings import TrainSettings
+
+
+def init_modules(patcher, targets: list[TrainTarget], s: TrainSettings, out: str, device,
+                  progress: Callable[[int, int], None] | None) -> tuple[dict[str, TrainableTLoRA], dict[str, str], set]:
+    """The principal SVD init of every target from the weight the layer computes with (dequantized; row slice and
+    order as the trainer sees the module), through the SVD cache the loader shares; plus the weights' digests."""
+    layer_targets = [LayerTarget(t.path, t.key, shape_only(t, s.rank), t.out_slice, t.reorder) for t in targets]
+    try:
+        weights = {t.key: layer_weight(patcher, t.key) for t in layer_targets}
+    except UnreadableWeight as e:
+        raise TLoRAError(out, str(e)) from None
+    jobs = bases.jobs(patcher.model, layer_targets, weights, device)
+    triplets = compute_base_triplets(jobs, svd_cache(), progress, workers=default_workers(device))
+    modules = {t.name: TrainableTLoRA(t.name, *triplets[t.name], s.scale, t.conv) for t in targets}
+    digests = {t.name: weight_digest(bases.with_rows(lt, weights[t.key].dequantized("cpu")))
+               for t, lt in zip(targets, layer_targets, strict=True)}
+    return modules, digests, {w.kind for w in weights.values()}
+
+
+def shape_only(t: TrainTarget, rank: int):
+    """A stand-in adapter with a target's name, rank and shape (what the SVD jobs read)."""
+    from ...tlora_core.adapter import ORTHO, ModuleAdapter
+
+    return ModuleAdapter(name=t.name, kind=ORTHO, up=torch.empty(t.out_features, rank, device="meta"),
+                         down=torch.empty(rank, t.in_features, device="meta"), svd_base=True, conv=t.conv)
+
+
+def resume_modules(modules: dict[str, TrainableTLoRA], path: str, s: TrainSettings) -> int:
+    """Continue from a file: its trained factors (and stored base, else the one just rebuilt). Returns its steps."""
+    tl = load_tlora(path)
+    missing = [n for n in modules if n not in tl.modules]
+    if missing:
+        raise TLoRAError(path, f"has no module for {len(missing)} of the {len(modules)} targets (e.g. {missing[0]}): "
+                               "resume from a file trained on this model with the same targets")
+    for name, m in modules.items():
+        a = tl.modules[name]
+        if a.rank != s.rank:
+            raise TLoRAError(path, f"module '{name}' has rank {a.rank}, not {s.rank}: resume with its rank")
+        if a.needs_svd_base:
+            a = a.with_base(m.p0, m.lam0, m.q0.T)
+        modules[name] = TrainableTLoRA.from_adapter(a)
+    try:
+        import json
+
+        return int(json.loads(tl.metadata.get("tlora_training", "{}")).get("steps", 0))
+    except (ValueError, TypeError):
+        return 0
+
+
