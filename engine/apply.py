@@ -77,7 +77,11 @@ def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None, strength_
     how = _check_settings(patcher, tl, settings)
     p = plan(patcher, tl)
     device = comfy.model_management.get_torch_device()
-    prepared = bases.prepare(patcher, tl, p.targets, file_key(tl.path), svd_cache(), device, progress)
+    # one file read two ways (vanilla or not, ranks or pairs, by Load T-LoRA or the scheduled LoRA) is two sets of
+    # adapters: the memo key carries the reading and the node
+    reader = "tlora" if strength_rule is None else "scheduled"
+    prepared = bases.prepare(patcher, tl, p.targets, (*file_key(tl.path, *tl.reading), reader), svd_cache(), device,
+                             progress)
     state = RankState(name, settings.max_rank, settings.min_rank, settings.alpha, settings.mode, tl.integer_timestep,
                       tl.curve, strength_rule)
     state.width = max(settings.max_rank, tl.rank)
@@ -116,7 +120,7 @@ def apply_text_encoder(clip, tl: TLoRA, strength: float, progress=None):
         family = keymaps.guess_family(tl.text_encoder_modules)
         raise TLoRAError(tl.path, f"matched 0 of {len(tl.text_encoder_modules)} text-encoder modules to this text "
                                   f"encoder ({type(model).__name__}){f'; they look like {family}' if family else ''}")
-    prepared = bases.prepare(patcher, tl, p.targets, (*file_key(tl.path), "text_encoder"), svd_cache(),
+    prepared = bases.prepare(patcher, tl, p.targets, (*file_key(tl.path, *tl.reading), "text_encoder"), svd_cache(),
                              comfy.model_management.text_encoder_offload_device(), progress)
     patches = {}
     for t in p.targets:

@@ -40,6 +40,7 @@ class TLoRA:
     writer: writers.Writer = field(default_factory=lambda: writers.Writer("unknown", "unknown"))
     layout_why: str = ""  # how a standard layout was read (ranks or pairs), and why
     ignored: tuple[str, ...] = ()  # tensors of no known role (DoRA scales, Tucker mids, ...): not used
+    reading: tuple[bool, str] = (False, "auto")  # how it was read: (assume_vanilla, standard_layout)
 
     @property
     def curve(self) -> str:
@@ -163,7 +164,8 @@ def load_tlora(path: str | os.PathLike[str], assume_vanilla: bool = False, sidec
     return TLoRA(path=path, format=fmt, modules=modules, text_encoder_modules=te_modules, skipped=skipped,
                  recorded=rec.recorded_schedule(path, metadata, sidecar), metadata=metadata,
                  integer_timestep=writer.integer_timestep and not (fmt == OFFICIAL_VANILLA and is_pickle(path)),
-                 writer=writer, layout_why=layout_why, ignored=tuple(unknown))
+                 writer=writer, layout_why=layout_why, ignored=tuple(unknown),
+                 reading=(bool(assume_vanilla), standard_layout))
 
 
 def check_format(path: str, families: set[str], module_names: set[str], keys: list[str], metadata: dict[str, str],

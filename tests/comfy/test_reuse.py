@@ -105,3 +105,42 @@ def test_first_load_memory_does_not_grow_with_the_number_of_layers():
         assert r["peak_rss_growth"] <= (r["workers"] + 1) * r["working_set"] + r["factors"], r
     small, big = (r["peak_rss_growth"] - r["factors"] for r in runs)
     assert big <= small + runs[0]["working_set"], "the working set grows with the number of layers"
+
+
+def _export_file(twin, path) -> None:
+    """A rank-2R export with no metadata (as LyCORIS' convert_tlora.py writes it) of every Linear of the model."""
+    from tools import writer_files as wf
+
+    layers = [wf.Layer("lora_unet_" + p.removeprefix("diffusion_model.").replace(".", "_"), m.weight.shape[0],
+                       m.weight.shape[1]) for p, m in twin.patcher.model.named_modules()
+              if p.startswith("diffusion_model.") and isinstance(m, torch.nn.Linear)]
+    wf.write_export(path, layers, R, 4.0, None, seed=8)
+
+
+def _reading(pack, patcher, path, layout: str):
+    """Load T-LoRA's reading of `path` with vanilla_tlora on and `standard_layout`: its prepared adapters, by name."""
+    apply = pack.engine.apply
+    tl = pack.engine.files.read_file(str(path), True, layout)
+    app = apply.apply_tlora(patcher, tl, apply.Settings(1.0, tl.rank, 1, 1.0))[1]
+    return {slot.factors.adapter.name: slot.factors.adapter for _, slot in app.bindings}
+
+
+@pytest.mark.parametrize("order", [("ranks", "pairs"), ("pairs", "ranks")])
+def test_one_file_read_two_ways_gets_each_readings_own_adapters(pack, tmp_path, monkeypatch, order):
+    """A rank-2R export read as ranks then as pairs (and the other way) on one model gets, for the second reading, the
+    adapters that reading gives on a cleared cache: the prepared-adapter cache tells the readings apart."""
+    monkeypatch.setenv("TLORA_CACHE_DIR", str(tmp_path / "svd_cache"))
+    twin = FAMILIES["sdxl"].build(43)
+    path = tmp_path / "export.safetensors"
+    _export_file(twin, path)
+    first, second = order
+    _reading(pack, twin.patcher, path, first)
+    got = _reading(pack, twin.patcher, path, second)
+    pack.engine.bases._memo(twin.patcher.model).prepared.clear()
+    want = _reading(pack, twin.patcher, path, second)
+    assert got.keys() == want.keys() and got
+    for name, a in want.items():
+        b = got[name]
+        assert a.kind == b.kind and a.rank == b.rank, (name, first, second, (a.kind, a.rank), (b.kind, b.rank))
+        for r in (1, a.rank // 2, a.rank):
+            assert torch.equal(a.delta_weight(r), b.delta_weight(r)), (name, r)

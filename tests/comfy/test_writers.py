@@ -198,14 +198,28 @@ def _delta(kind: str, f: dict, rank: int) -> torch.Tensor:
     return (ALPHA / R) * (d["p"] @ torch.diag(d["lam"] * m) @ d["q"] - d["p0"] @ torch.diag(d["lam0"] * m) @ d["q0"])
 
 
-def _apply_delta(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """What the layer adds for input x: a Linear's x delta^T; on a conv, the trainers' merged kernel, zero but for
-    the tap of index `padding` (the 1x1 factors run on the layer's stride)."""
+def _trainer_conv(module: torch.nn.Conv2d, x: torch.Tensor, f: dict, rank: int) -> torch.Tensor:
+    """What a trainer's T-LoRA module adds on a conv layer, computed the way its forward runs it (Enferlain's
+    `TloraModule.bypass_forward_diff`, the same in 67372a's fork): two paths, each a 1x1 down projection of x at the
+    layer's stride with no padding, no dilation and one group, scaled per rank by lambda times the mask, then a 1x1
+    up projection; the base path subtracted, times alpha / R. Nothing of the pack's own "tap" reading is used."""
+    m = (torch.arange(R) < rank).double()
+    x = x.double()
+
+    def path(q, p, lam):
+        h = F.conv2d(x, q.double()[:, :, None, None], None, stride=module.stride, padding=0, dilation=1, groups=1)
+        h = h * (lam.double() * m)[None, :, None, None]
+        return F.conv2d(h, p.double()[:, :, None, None])
+
+    return (ALPHA / R) * (path(f["q"], f["p"], f["lam"]) - path(f["q0"], f["p0"], f["lam0"]))
+
+
+def _apply_delta(module: torch.nn.Module, x: torch.Tensor, kind: str, f: dict, rank: int) -> torch.Tensor:
+    """What the layer adds for input x at `rank`: a Linear's x delta^T; a conv's by its trainer's own forward."""
     if isinstance(module, torch.nn.Conv2d):
-        k = torch.zeros(*delta.shape, *module.kernel_size, dtype=torch.float64)
-        k[:, :, module.padding[0], module.padding[1]] = delta
-        return F.conv2d(x.double(), k, None, module.stride, module.padding, module.dilation)
-    return x.double() @ delta.T
+        assert kind == "ortho", kind  # the only layout written with conv modules here
+        return _trainer_conv(module, x, f, rank)
+    return x.double() @ _delta(kind, f, rank).T
 
 
 class Hooks:
@@ -221,8 +235,8 @@ class Hooks:
 
     def _hook(self, path):
         def add(module, args, out):
-            delta = _delta(self.kind, self.factors[path], self.rank)
-            return (out.double() + _apply_delta(module, args[0], delta)).to(out.dtype)
+            added = _apply_delta(module, args[0], self.kind, self.factors[path], self.rank)
+            return (out.double() + added).to(out.dtype)
         return add
 
     def __exit__(self, *exc):
@@ -245,7 +259,7 @@ class Probe:
         (x, y), = self.records
         with torch.no_grad():
             added = y.double() - type(self.module).forward(self.module, x).double()  # without the pack's slot
-        return rel_l2(added, _apply_delta(self.module, x, _delta(kind, factors, rank)))
+        return rel_l2(added, _apply_delta(self.module, x, kind, factors, rank))
 
 
 @pytest.mark.parametrize("name", _available())
