@@ -88,7 +88,7 @@ export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
 }
 
 // The graph as a widget that never enters the prompt; `get(node)` gives what to draw, `draw` how (a rank schedule
-// unless told).
+// unless told). Call `redraw(node)` whenever what `get` returns changes.
 export function graphWidget(node, name, get, draw = drawSchedule) {
   return node.addCustomWidget({
     name,
@@ -96,6 +96,7 @@ export function graphWidget(node, name, get, draw = drawSchedule) {
     value: null,
     serialize: false,
     options: { serialize: false },
+    tloraGraph: true,
     draw(ctx, n, width, y) {
       const { schedule, loud, label } = get(n);
       draw(ctx, schedule, width, y, loud, label);
@@ -104,6 +105,15 @@ export function graphWidget(node, name, get, draw = drawSchedule) {
       return [width, GRAPH_HEIGHT];
     },
   });
+}
+
+// Show a node's graphs again after their data changed. The classic editor draws every node on its shared canvas
+// each frame it is marked dirty. Nodes 2.0 (Vue nodes) gives a custom widget a canvas of its own and draws it only
+// on mount, resize, palette change and `widget.triggerDraw()` (never `onDrawForeground`): without the call the
+// graph keeps its first drawing.
+export function redraw(node) {
+  for (const w of node.widgets ?? []) if (w.tloraGraph) w.triggerDraw?.();
+  node.setDirtyCanvas?.(true, true);
 }
 
 // A value set as the user would set it: through the widget, so its callbacks run, the workflow is marked

@@ -8,7 +8,7 @@
 // All of the node's state lives in one object, `node.tlora`.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { chainCallback as onChange, graphWidget, setWidget } from "./tlora_graph.js";
+import { chainCallback as onChange, graphWidget, redraw, setWidget } from "./tlora_graph.js";
 import { resolveSchedule, scheduleRanks } from "./tlora_schedule.js";
 
 const NODE = "TLoRALoader";
@@ -59,7 +59,7 @@ function refresh(node) {
   const w = s.info?.writer;
   const note = w ? `${w.title}${w.assumed ? `: ${w.assumed}` : ""}` : null;
   s.schedule = { maxRank: sch.maxRank ?? null, minRank: sch.minRank ?? null, alpha: sch.alpha ?? null, ranks, error, note };
-  node.setDirtyCanvas(true, true);
+  redraw(node);
 }
 
 // The server's answer as JSON, or a readable error for anything else (an HTML error page, a proxy's reply).
@@ -140,8 +140,10 @@ function showRunError({ detail }) {
   refresh(node);
 }
 
+// A run starting also asks again about a file the server could not read: it may have been fixed on disk since.
 function clearRunErrors() {
   for (const node of loaderNodes()) {
+    if (state(node).info?.error) fetchInfo(node);
     if (state(node).runError == null) continue;
     state(node).runError = null;
     refresh(node);

@@ -4,7 +4,7 @@
 // node on its last run.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { chainCallback as chain, drawSeries, graphWidget } from "./tlora_graph.js";
+import { chainCallback as chain, drawSeries, graphWidget, redraw } from "./tlora_graph.js";
 import { strengthCurve } from "./tlora_strength.js";
 
 const NODE = "TLoRAScheduledLoRA";
@@ -36,7 +36,7 @@ function refresh(node) {
       left: "noise  0%", right: "100%  clean",
       ticks: st.sigmaTicks?.map(([p, sigma]) => [p, `σ ${Number(sigma).toPrecision(3)}`]) };
   }
-  node.setDirtyCanvas(true, true);
+  redraw(node);
 }
 
 app.registerExtension({

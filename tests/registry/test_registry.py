@@ -30,6 +30,21 @@ def test_pyproject_has_what_the_registry_needs():
     assert (ROOT / ".github" / "workflows" / "publish.yml").is_file()
 
 
+def test_the_supported_comfyui_and_frontend_are_declared_as_the_registry_reads_them():
+    """comfy-cli's own parser (what `comfy node publish` sends): ComfyUI from the oldest host up, the frontend from
+    the oldest one the browser tier runs up (an upper bound would mark the pack incompatible with every newer
+    release); the frontend is metadata, never a package to install."""
+    from comfy_cli.registry.config_parser import extract_node_configuration
+
+    from tools.harness import frontends
+
+    cfg = extract_node_configuration(str(ROOT / "pyproject.toml"))
+    assert cfg.project.supported_comfyui_version == ">=0.3.75"
+    assert cfg.project.supported_comfyui_frontend_version == f">={frontends.OLDEST}"
+    assert not any("comfyui-frontend-package" in d for d in cfg.project.dependencies), cfg.project.dependencies
+    assert frontends.version_key(frontends.NEWEST) >= frontends.version_key(frontends.OLDEST)
+
+
 def test_comfy_node_validate_passes():
     comfy = Path(sys.executable).with_name("comfy")
     res = subprocess.run([str(comfy), "--skip-prompt", "--no-enable-telemetry", "node", "validate"], cwd=ROOT,

@@ -40,12 +40,22 @@ def host_version(path: Path | None = None) -> str:
     return m.group(1) if m else "unknown"
 
 
-def frontend_root(path: Path | None = None) -> Path | None:
-    """The frontend this host pins, where scripts/setup_host.sh installed it for the host (.host/frontend/<v>)."""
+def pinned_frontend(path: Path | None = None) -> str | None:
+    """The frontend version a host pins in its requirements.txt, e.g. "1.49.6"."""
     req = (path or comfy_path()) / "requirements.txt"
     m = re.search(r"^comfyui-frontend-package==([\d.]+)", req.read_text() if req.is_file() else "", re.M)
-    static = ROOT / ".host" / "frontend" / (m.group(1) if m else "-") / "comfyui_frontend_package" / "static"
-    return static if m and static.is_dir() else None
+    return m.group(1) if m else None
+
+
+def frontend_static(version: str) -> Path:
+    """Where scripts/setup_host.sh installs frontend `version`: the folder `--front-end-root` takes."""
+    return ROOT / ".host" / "frontend" / version / "comfyui_frontend_package" / "static"
+
+
+def frontend_root(path: Path | None = None) -> Path | None:
+    """The frontend this host pins, where scripts/setup_host.sh installed it for the host (.host/frontend/<v>)."""
+    version = pinned_frontend(path)
+    return frontend_static(version) if version and frontend_static(version).is_dir() else None
 
 
 def venv_python() -> str:
@@ -67,13 +77,15 @@ class ComfyServer:
     """A ComfyUI process on a free loopback port. Use as a context manager."""
 
     def __init__(self, base_dir: Path, models: dict[str, list[Path]] | None = None, env: dict | None = None,
-                 extra_args: list[str] | None = None, startup_timeout: float = 120, gpu: bool = False):
+                 extra_args: list[str] | None = None, startup_timeout: float = 120, gpu: bool = False,
+                 frontend: str | None = None):
         self.base = Path(base_dir)
         self.models = models or {}
         self.env = env or {}
         self.extra_args = extra_args or []
         self.startup_timeout = startup_timeout
         self.gpu = gpu  # False: --cpu (tests); True: ComfyUI picks its device and memory mode (benchmarks on a GPU)
+        self.frontend = frontend  # a frontend version from .host/frontend; None: the one the host pins
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -109,6 +121,11 @@ class ComfyServer:
                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         web = frontend_root(comfy)
+        if self.frontend is not None:
+            web = frontend_static(self.frontend)
+            if not web.is_dir():
+                raise ServerError(f"frontend {self.frontend} is not installed at {web}: run "
+                                  "`bash scripts/setup_host.sh` (it installs every frontend the browser tier tests)")
         if web is not None:
             cmd += ["--front-end-root", str(web)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in self.env.items()}}
@@ -165,8 +182,8 @@ class ComfyServer:
             ctype = r.headers.get("Content-Type", "")
         return json.loads(body) if "json" in ctype else body
 
-    def post(self, path: str, payload: dict | None = None, timeout: float = 30):
-        data = json.dumps(payload or {}).encode()
+    def post(self, path: str, payload: object = None, timeout: float = 30):
+        data = json.dumps({} if payload is None else payload).encode()  # False, 0 and "" are values too
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
