@@ -59,19 +59,21 @@ class RankState:
     """The schedule of one T-LoRA application, and the rank of the model call in progress on each thread."""
 
     def __init__(self, name: str, max_rank: int, min_rank: int, alpha: float, mode: str, integer_t: bool = True,
-                 curve: str = schedule.POWER, strength_rule: Callable[[float], float] | None = None):
+                 curve: str = schedule.POWER, strength_rule: Callable[[float, Any], float] | None = None):
         schedule.validate(max_rank, min_rank, alpha)
         if curve not in schedule.CURVES:
             raise ValueError(f"curve must be one of {', '.join(schedule.CURVES)}, got {curve!r}")
         self.name, self.max_rank, self.min_rank, self.alpha, self.mode = name, max_rank, min_rank, alpha, mode
         self.integer_t, self.curve = integer_t, curve
-        self.strength_rule = strength_rule  # sigma -> strength multiplier (a scheduled LoRA), None = 1
-        self._scales: dict[tuple[float, ...], list[float]] = {}
+        # (sigma, model_sampling) -> strength multiplier (a scheduled LoRA), None = 1
+        self.strength_rule = strength_rule
         self.width = max_rank  # ranks the call's mask spans: the largest adapter rank (may exceed a max_rank override)
         self.active = ActiveRank()
         self._masks: dict[tuple, torch.Tensor] = {}
         # per sampling object (held weakly: a freed object's id can never hand its rule to a new one)
         self._rules: weakref.WeakKeyDictionary[Any, _Rule] = weakref.WeakKeyDictionary()
+        self._scales: weakref.WeakKeyDictionary[Any, dict[tuple[float, ...], list[float]]] = \
+            weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.trace_path = os.environ.get(TRACE_ENV) or None
 
@@ -101,16 +103,21 @@ class RankState:
             rule.memo[key] = hit
         return hit
 
-    def scales_for(self, sigma: torch.Tensor) -> list[float] | None:
-        """Each item's strength multiplier (a scheduled LoRA), memoised per sigmas; None without a strength rule."""
+    def scales_for(self, sigma: torch.Tensor, model_sampling) -> list[float] | None:
+        """Each item's strength multiplier (a scheduled LoRA) on the call's sampling, memoised per sampling object
+        and sigmas; None without a strength rule."""
         if self.strength_rule is None:
             return None
+        memo = self._scales.get(model_sampling)
+        if memo is None:
+            with self._lock:
+                memo = self._scales.setdefault(model_sampling, {})
         key = tuple(sigma.detach().float().reshape(-1).tolist())
-        hit = self._scales.get(key)
+        hit = memo.get(key)
         if hit is None:
-            if len(self._scales) > 4096:
-                self._scales.clear()
-            hit = self._scales[key] = [self.strength_rule(s) for s in key]
+            if len(memo) > 4096:
+                memo.clear()
+            hit = memo[key] = [self.strength_rule(s, model_sampling) for s in key]
         return hit
 
     def mask(self, ranks: list[int], device: torch.device, scales: list[float] | None = None) -> torch.Tensor:
@@ -208,8 +215,9 @@ class TLoRAApplication:
 
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
         st = self.state
-        ts, ranks = st.ranks_for(t, executor.class_obj.model_sampling)
-        scales = st.scales_for(t)
+        ms = executor.class_obj.model_sampling  # the sampling of this call: object patches applied
+        ts, ranks = st.ranks_for(t, ms)
+        scales = st.scales_for(t, ms)
         prev = st.active.set(ranks, st.mask(ranks, x.device, scales), scales)
         if st.trace_path:
             st.write_trace(t, ts, ranks, scales)

@@ -1,5 +1,6 @@
 """Any standard LoRA on a timestep schedule: the per-call patcher of a T-LoRA, every rank on, its strength taken at
-each model call from that call's sigma (per batch item), through the model's own percent-to-sigma scale.
+each model call from that call's sigma (per batch item), through the percent-to-sigma scale of the sampling that
+call runs with (a ModelSampling node placed after this one included).
 
 The LoRA is added in activation space by the same slots (no weight is patched, so fp8, GGUF, QuantizedTensor and
 Dynamic VRAM bases take it as they take a T-LoRA); the file is read by the same layouts (kohya, PEFT / diffusers,
@@ -10,69 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
-import torch
+import comfy.patcher_extension
 
 from ..tlora_core import TLoRA, TLoRAError, recorded
-from ..tlora_core.strength import StrengthCurve, strength_at
+from ..tlora_core.strength import StrengthCurve, StrengthRule
 from . import apply as _apply
 from .files import read_file
 from .patcher import WRAPPER_PREFIX
 
 log = logging.getLogger("tlora.scheduled")
-
-_BISECT = 40  # halvings of [0, 1]: far below any sampler's step
-
-
-def percent_of(model_sampling, sigma: float) -> float:
-    """The sampling percent whose sigma is `sigma` (the inverse of the model's own `percent_to_sigma`)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(_BISECT):
-        mid = 0.5 * (lo + hi)
-        if float(model_sampling.percent_to_sigma(mid)) > sigma:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def _f32(x) -> float:
-    return float(torch.tensor(float(x), dtype=torch.float32))
-
-
-def sigma_ticks(model_sampling, percents=(0.0, 0.25, 0.5, 0.75, 1.0)) -> list[tuple[float, float]]:
-    """(percent, sigma) of the model's sampling at a few percents, for a sigma axis under a progress axis: the ends
-    are the model's own sigma_max and sigma_min (ComfyUI's percent_to_sigma answers 'past every sigma' there)."""
-    out = []
-    for p in percents:
-        if p <= 0.0:
-            s = model_sampling.sigma_max
-        elif p >= 1.0:
-            s = model_sampling.sigma_min
-        else:
-            s = model_sampling.percent_to_sigma(p)
-        out.append((float(p), float(s)))
-    return out
-
-
-class StrengthRule:
-    """sigma -> the curve's strength: inside [start, end) in the model's sigma (as ComfyUI's hook keyframes decide
-    it: a call belongs to the percent whose sigma it has reached), interpolated at the call's percent."""
-
-    def __init__(self, curve: StrengthCurve, model_sampling):
-        self.curve, self.ms = curve, model_sampling
-        # in float32, as the sampler's sigmas are: a call at exactly a boundary's sigma is past it
-        self.start_sigma = _f32(model_sampling.percent_to_sigma(curve.start))
-        self.end_sigma = _f32(model_sampling.percent_to_sigma(curve.end)) if curve.end < 1.0 else -1.0
-
-    def __call__(self, sigma: float) -> float:
-        c = self.curve
-        p = percent_of(self.ms, sigma)
-        if c.keyframes:
-            return strength_at(c, p)
-        if sigma > self.start_sigma or sigma <= self.end_sigma:
-            return 0.0
-        return strength_at(c, min(max(p, c.start), c.end))
 
 
 def read_lora(path: str) -> TLoRA:
@@ -87,13 +37,34 @@ def read_lora(path: str) -> TLoRA:
     return tl
 
 
-def apply_scheduled_lora(patcher, tl: TLoRA, strength: float, curve: StrengthCurve, progress=None):
-    """A clone of `patcher` running the LoRA with `strength` times the curve at each call; the input patcher is
-    never modified."""
+def _announcer(on_sampling: Callable[[Any], None]):
+    """An OUTER_SAMPLE wrapper handing `on_sampling` the sampling of each sampling run before it starts.
+
+    Why there: the node runs before whatever comes after it patches the sampling (ModelSamplingSD3, ...), and
+    ComfyUI replays a cached node's UI output at every run, so what the node saw is only a first guess. An
+    OUTER_SAMPLE wrapper runs once per run of any sampler (every guider samples through it, on 0.3.75 and later),
+    with the guider's model patcher, whose model_sampling (object patches included) is the very object every
+    APPLY_MODEL call of that run gets."""
+    def outer_sample(executor, *args, **kwargs):
+        try:
+            on_sampling(executor.class_obj.model_patcher.get_model_object("model_sampling"))
+        except Exception as e:  # a report for the UI: it never stops a sampling
+            log.warning("scheduled LoRA: could not report the sampling's sigmas: %s", e)
+        return executor(*args, **kwargs)
+    return outer_sample
+
+
+def apply_scheduled_lora(patcher, tl: TLoRA, strength: float, curve: StrengthCurve, progress=None,
+                         on_sampling: Callable[[Any], None] | None = None):
+    """A clone of `patcher` running the LoRA with `strength` times the curve at each call, on that call's sampling;
+    `on_sampling(model_sampling)` is called at the start of every sampling run with the clone (or a model made
+    from it). The input patcher is never modified."""
     rank = tl.rank
-    rule = StrengthRule(curve, patcher.get_model_object("model_sampling"))
     clone, app = _apply.apply_tlora(patcher, tl, _apply.Settings(strength, rank, rank, 1.0), progress,
-                                    strength_rule=rule)
+                                    strength_rule=StrengthRule(curve))
+    if on_sampling is not None:
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, app.key,
+                                   _announcer(on_sampling))
     log.info("scheduled LoRA %s: %d modules, strength %g x %s", os.path.basename(tl.path), len(app.bindings),
              strength, curve)
     return clone, app
@@ -101,8 +72,6 @@ def apply_scheduled_lora(patcher, tl: TLoRA, strength: float, curve: StrengthCur
 
 def scheduled_loras(patcher) -> list[tuple[str, float, StrengthRule]]:
     """The scheduled LoRAs on a model, in the order they were applied: (file name, strength_model, rule)."""
-    import comfy.patcher_extension
-
     out = []
     for key, fns in patcher.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}).items():
         if not key.startswith(f"{WRAPPER_PREFIX}:"):

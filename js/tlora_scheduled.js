@@ -1,13 +1,16 @@
 // Load LoRA (timestep schedule) in the graph editor: its strength curve against the sampling's progress, drawn
-// live from the schedule widgets with the port of the server's curve (tlora_strength.js), labelled with the
-// connected model's sigma once the node has run (the server sends them), and any error the server raised for the
-// node on its last run.
+// live from the schedule widgets with the port of the server's rule (tlora_strength.js), labelled with the sigmas
+// of the sampling, and any error the server raised for the node on its last run.
+// The labels: when the node runs, its output carries the sigmas of the model it was given (a first guess: a
+// ModelSampling node placed after it changes them); every sampling run with its LoRA then sends the sigmas of the
+// sampling that runs ("tlora.sigma_ticks", nodes/scheduled.py), after the node's own (or cached) output.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { chainCallback as chain, drawSeries, graphWidget, redraw } from "./tlora_graph.js";
 import { strengthCurve } from "./tlora_strength.js";
 
 const NODE = "TLoRAScheduledLoRA";
+const TICKS_EVENT = "tlora.sigma_ticks";
 const INPUTS = ["strength_model", "start_percent", "end_percent", "strength_start", "strength_end", "curve",
   "keyframes"];
 
@@ -17,6 +20,17 @@ function widget(node, name) {
 
 function state(node) {
   return (node.tloraScheduled ??= { curve: null, runError: null, sigmaTicks: null });
+}
+
+// the graph node of a server node id (its last part for a node inside a subgraph)
+function nodeOf(id) {
+  return app.graph?.getNodeById?.(Number(String(id ?? "").split(":").at(-1)));
+}
+
+function setTicks(node, ticks) {  // [[percent, sigma], ...] at 0, 25, 50, 75, 100 %
+  if (!Array.isArray(ticks) || !ticks.length) return;
+  state(node).sigmaTicks = ticks;
+  refresh(node);
 }
 
 function refresh(node) {
@@ -43,10 +57,14 @@ app.registerExtension({
   name: "comfyui-tlora.scheduled",
   setup() {
     api.addEventListener("execution_error", ({ detail }) => {
-      const node = app.graph?.getNodeById?.(Number(String(detail?.node_id ?? "").split(":").at(-1)));
+      const node = nodeOf(detail?.node_id);
       if (node?.comfyClass !== NODE) return;
       state(node).runError = detail.exception_message;
       refresh(node);
+    });
+    api.addEventListener(TICKS_EVENT, ({ detail }) => {
+      const node = nodeOf(detail?.node);
+      if (node?.comfyClass === NODE) setTicks(node, detail.ticks);
     });
     api.addEventListener("execution_start", () => {
       for (const node of app.graph?._nodes ?? []) {
@@ -63,13 +81,9 @@ app.registerExtension({
       drawSeries);
     for (const name of INPUTS) chain(widget(node, name), () => refresh(node));
     const executed = node.onExecuted;
-    node.onExecuted = function (output) {  // the model's sigma at 0, 25, 50, 75, 100 % of its sampling
+    node.onExecuted = function (output) {  // the first guess: the sampling of the model the node was given
       const r = executed?.apply(this, arguments);
-      const ticks = output?.tlora_sigma_ticks;
-      if (Array.isArray(ticks) && ticks.length) {
-        state(node).sigmaTicks = ticks;
-        refresh(node);
-      }
+      setTicks(node, output?.tlora_sigma_ticks);
       return r;
     };
     const configured = node.onConfigure;

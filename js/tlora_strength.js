@@ -1,5 +1,6 @@
-// Port of tlora_core/strength.py `strength_at` and `parse_keyframes` (the frontend tier runs both on one table):
-// a LoRA's strength multiplier against the sampling's percent (0 = first step, pure noise; 1 = the end).
+// Port of tlora_core/strength.py `StrengthRule` in percents and `parse_keyframes` (the frontend tier runs both on
+// one table): a LoRA's strength multiplier against the sampling's percent (0 = first step, pure noise; 1 = the end),
+// as each model call gets it: zero outside [start, end), the end point excluded unless end is 1.
 
 export const SHAPES = ["constant", "linear", "cosine", "smoothstep"];
 const PAIR = /^\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$/;
@@ -38,7 +39,7 @@ export function strengthAt(c, percent) {
     }
     return ks.at(-1)[1];
   }
-  if (p < c.start || p > c.end) return 0;
+  if (p < c.start || (c.end < 1 ? p >= c.end : p > c.end)) return 0;
   const u = c.end === c.start ? 0 : (p - c.start) / (c.end - c.start);
   return c.strengthStart + (c.strengthEnd - c.strengthStart) * shape(u, c.shape);
 }

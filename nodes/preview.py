@@ -14,8 +14,9 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..engine import timesteps
 from ..engine.patcher import RankState
-from ..engine.scheduled import percent_of, scheduled_loras, sigma_ticks
+from ..engine.scheduled import scheduled_loras
 from ..tlora_core import schedule
+from ..tlora_core.strength import percent_of, sigma_ticks
 
 log = logging.getLogger("tlora.preview")
 
@@ -61,16 +62,16 @@ _GRID = 201  # points of a strength curve over the sampling
 
 
 def strength_series(model, call_sigmas: list[float]) -> list[dict]:
-    """For each scheduled LoRA on `model`: its strength over the sampling (in the model's sigma, as the calls get
-    it) and at each of the sampler's calls."""
+    """For each scheduled LoRA on `model`: its strength over the sampling and at each of the sampler's calls, on the
+    sampling `model` has (ModelSampling nodes after the LoRA included), as its calls get it."""
+    ms = model.get_model_object("model_sampling")
     out = []
     for name, strength_model, rule in scheduled_loras(model):
-        ms = rule.ms
         grid = [i / (_GRID - 1) for i in range(_GRID)]
         sig = [float(ms.sigma_max) if p <= 0 else float(ms.percent_to_sigma(p)) if p < 1 else 0.0 for p in grid]
         out.append({"name": name, "strength_model": strength_model,
-                    "curve": [[p, strength_model * rule(x)] for p, x in zip(grid, sig, strict=True)],
-                    "calls": [{"sigma": x, "percent": percent_of(ms, x), "strength": strength_model * rule(x)}
+                    "curve": [[p, strength_model * rule(x, ms)] for p, x in zip(grid, sig, strict=True)],
+                    "calls": [{"sigma": x, "percent": percent_of(ms, x), "strength": strength_model * rule(x, ms)}
                               for x in call_sigmas],
                     "sigma_ticks": sigma_ticks(ms)})
     return out

@@ -85,6 +85,7 @@ def _write_sidecar(folder: Path, extra: dict | None = None) -> None:
 
 SD_SCRIPTS_SDXL = "sd_scripts_tlora_sdxl.safetensors"
 STYLE_LORA_SDXL = "style_lora_sdxl.safetensors"  # a plain kohya LoRA, for Load LoRA (timestep schedule)
+STYLE_LORA_FLUX = "style_lora_flux.safetensors"  # the same for the tiny Flux (its attention Linears)
 
 
 def _write_sd_scripts_sdxl(checkpoint: Path, out: Path) -> None:
@@ -135,6 +136,7 @@ def loras(tiny, tmp_path_factory) -> Path:
     tiny_models.write_official_flux_pt(flux, folder / "tlora_flux" / "lora.pt", RANK, seed=3, strength=0.5)
     _write_sd_scripts_sdxl(Path(tiny["sdxl"]["comfy_file"]), folder / SD_SCRIPTS_SDXL)
     writer_files.write_style_lora(Path(tiny["sdxl"]["comfy_file"]), folder / STYLE_LORA_SDXL)
+    writer_files.write_style_lora(Path(tiny["flux"]["comfy_file"]), folder / STYLE_LORA_FLUX, attention="_attn.")
     # files the loader must refuse with the server's own message: a VAE, a stock kohya LoRA (no T-LoRA marker)
     (folder / "not_a_lora.safetensors").symlink_to(Path(tiny["vae"]["vae_4ch"]).absolute())
     from safetensors.torch import save_file

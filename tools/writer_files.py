@@ -149,13 +149,14 @@ def rank_lora_scripts_next(sigma: float, rank: int, min_rank: int, schedule: str
     return int((min_rank + torch.floor((rank - min_rank) * p)).clamp(min_rank, rank))
 
 
-def write_style_lora(checkpoint: str | Path, out: str | Path, seed: int = 6) -> None:
-    """A standard kohya LoRA (no T-LoRA marker) of every attention Linear of a ComfyUI UNet checkpoint: what Load
-    LoRA (timestep schedule) takes in the tests and benchmarks."""
+def write_style_lora(checkpoint: str | Path, out: str | Path, seed: int = 6, attention: str = ".attn") -> None:
+    """A standard kohya LoRA (no T-LoRA marker) of every attention Linear of a ComfyUI diffusion-model checkpoint
+    (weights whose name holds `attention`: ".attn" in a UNet, "_attn." in Flux): what Load LoRA (timestep schedule)
+    takes in the tests and benchmarks."""
     from safetensors import safe_open
 
     with safe_open(str(checkpoint), "pt") as f:
         layers = [Layer("lora_unet_" + k.removesuffix(".weight").replace(".", "_"), *shape)
-                  for k in f.keys() if k.endswith(".weight") and ".attn" in k
+                  for k in f.keys() if k.endswith(".weight") and attention in k
                   and len(shape := f.get_slice(k).get_shape()) == 2]
     write_vanilla(out, layers, 4, 4.0, {"ss_network_module": "networks.lora"}, seed=seed)

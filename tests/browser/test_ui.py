@@ -493,3 +493,61 @@ def test_scheduled_lora_curve_gets_its_models_sigmas_once_run(page, server, arti
     drawn.wait_graph(page, node, "tlora_strength_graph", ticked, what="the sigma axis")
     page.wait_for_timeout(300)
     page.screenshot(path=str(artifacts / f"ui_scheduled_sigma_axis_{page.ui_mode}.png"))
+
+
+def test_scheduled_lora_labels_follow_a_model_sampling_node_after_it(page, server, artifacts):
+    """UNETLoader -> Load LoRA (timestep schedule) -> ModelSamplingSD3 shift 8 -> KSampler, built and queued in the
+    editor: the node's run labels its curve with the model it was given (the tiny SDXL's discrete sigmas), then the
+    sampling run sends the sigmas of the sampling that runs, and the curve ends labelled with shift 8's."""
+    from tests.conftest import STYLE_LORA_SDXL
+    from tests.reliability.helpers import cached_nodes
+    from tests.server.test_sampling import discrete_sigmas
+
+    page.evaluate("""(lora) => {
+        const g = window.app.graph; g.clear();
+        window.__tloraEvents = [];  // what the frontend receives for the node, in order
+        for (const type of ['executed', 'tlora.sigma_ticks'])
+          window.app.api.addEventListener(type, ({ detail }) => window.__tloraEvents.push([type, detail]));
+        const add = ADD;""".replace("ADD", ADD_NODE) + """
+        const set = (n, name, v) => { const w = n.widgets.find(w => w.name === name); w.value = v; w.callback?.(v); };
+        const u = add('UNETLoader', [40, 60]), s = add('TLoRAScheduledLoRA', [360, 60]),
+              m = add('ModelSamplingSD3', [760, 60]), k = add('KSampler', [1060, 60]),
+              c1 = add('TLoRADevConditioning', [40, 420]), c2 = add('TLoRADevConditioning', [40, 620]),
+              e = add('EmptyLatentImage', [360, 520]), o = add('SaveLatent', [1400, 60]);
+        set(u, 'unet_name', 'sdxl_koala_comfy.safetensors');
+        set(s, 'lora_name', lora); set(s, 'start_percent', 0.5); set(s, 'strength_model', 0.93); set(m, 'shift', 8.0);
+        for (const [c, seed] of [[c1, 1], [c2, 2]]) {
+          set(c, 'seed', seed); set(c, 'context_dim', 2048); set(c, 'pooled_dim', 1280);
+        }
+        set(e, 'width', 64); set(e, 'height', 64); set(k, 'steps', 2);
+        u.connect(0, s, s.findInputSlot('model')); s.connect(0, m, m.findInputSlot('model'));
+        m.connect(0, k, k.findInputSlot('model')); c1.connect(0, k, k.findInputSlot('positive'));
+        c2.connect(0, k, k.findInputSlot('negative')); e.connect(0, k, k.findInputSlot('latent_image'));
+        k.connect(0, o, o.findInputSlot('samples'));
+    }""", STYLE_LORA_SDXL)
+    entry = _queue_and_wait(page, server)
+    assert entry["status"].get("completed"), entry["status"]
+    node = next(k for k, v in entry["prompt"][2].items() if v["class_type"] == "TLoRAScheduledLoRA")
+    get = """() => { const n = window.app.graph._nodes.find(n => n.type === 'TLoRAScheduledLoRA');
+        const st = n.tloraScheduled;
+        return {raw: st.sigmaTicks, ticks: st.curve.ticks, events: window.__tloraEvents}; }"""
+    page.wait_for_function(f"() => ({get})().raw?.[0]?.[1] === 1", timeout=30_000)
+    st = page.evaluate(get)
+    ours = [(t, d) for t, d in st["events"] if (d.get("node") or d.get("display_node")) == node]
+    assert node not in cached_nodes(entry), "the node answered from ComfyUI's cache"
+    assert [t for t, _ in ours] == ["executed", "tlora.sigma_ticks"], ours
+    guess = ours[0][1]["output"]["tlora_sigma_ticks"]  # what the node saw when it ran: the SDXL's discrete sigmas
+    assert guess[0][1] == pytest.approx(discrete_sigmas()[-1], rel=1e-5), guess
+    shift8 = [8 * (1 - p) / (1 + 7 * (1 - p)) for p in (0.25, 0.5, 0.75)]
+    assert [t[1] for t in st["raw"][1:4]] == pytest.approx(shift8, rel=1e-6), st["raw"]
+    assert ours[1][1]["ticks"] == st["raw"]
+    assert [lab for _, lab in st["ticks"]][:3] == ["σ 1.00", "σ 0.960", "σ 0.889"], st["ticks"]
+    # on screen: the curve with its five sigma ticks, drawn after the sampling's event
+    find = "() => window.app.graph._nodes.find(n => n.type === 'TLoRAScheduledLoRA')"
+    drawn.focus(page, find)
+
+    def five_ticks(g):
+        assert len(g.tick_columns()) == 5, g.tick_columns()
+    drawn.wait_graph(page, find, "tlora_strength_graph", five_ticks, what="the shift-8 sigma axis")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(artifacts / f"ui_scheduled_sigma_axis_shift8_{page.ui_mode}.png"))

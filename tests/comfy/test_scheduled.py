@@ -76,7 +76,7 @@ def test_every_call_gets_the_curves_strength(pack, setup):
     ms = patcher.get_model_object("model_sampling")
     for pct in (0.1, 0.3, 0.45, 0.62, 0.79, 0.8, 0.9):
         sigma = torch.tensor([float(ms.percent_to_sigma(pct))])
-        s = app.state.scales_for(sigma)[0]
+        s = app.state.scales_for(sigma, ms)[0]
         want_s = strength.strength_at(curve, pct) if 0.3 <= pct < 0.8 else 0.0
         assert s == pytest.approx(want_s, abs=1e-6), (family, pct, s)
         base = capture(patcher, x, sigma, conds).out
@@ -96,7 +96,7 @@ def test_per_item_strengths_in_one_batch(pack, setup):
                                                            1.0, curve)
     ms = patcher.get_model_object("model_sampling")
     sigmas = torch.tensor([float(ms.percent_to_sigma(0.25)), float(ms.percent_to_sigma(0.75))])
-    scales = app.state.scales_for(sigmas)
+    scales = app.state.scales_for(sigmas, ms)
     assert scales == pytest.approx([0.25, 0.75], abs=1e-6)
     xb = torch.cat([x, x])
     cb = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v for k, v in conds.items()}

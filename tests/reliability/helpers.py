@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 SIZE = 64
 COND = {"sdxl": {"tokens": 8, "context_dim": 2048, "pooled_dim": 1280},
-        "sd15": {"tokens": 8, "context_dim": 768, "pooled_dim": 0}}
+        "sd15": {"tokens": 8, "context_dim": 768, "pooled_dim": 0},
+        "flux": {"tokens": 8, "context_dim": 4096, "pooled_dim": 768}}
 SDXL_LORA = "tlora_sdxl/pytorch_lora_weights.safetensors"
 SD15_LORA = "tlora_sd15/pytorch_lora_weights.safetensors"
 

@@ -170,3 +170,104 @@ def test_the_preview_shows_each_calls_strength_and_the_node_its_models_sigmas(se
         assert c["strength"] == pytest.approx(want, abs=2e-3), (c, pct)
         assert c["percent"] == pytest.approx(pct, abs=1e-3), c
     assert sum(c["strength"] > 0 for c in calls) >= 3 and sum(c["strength"] == 0 for c in calls) >= 3
+
+
+SHIFT, WINDOW = 8.0, (0.3, 0.7)
+
+
+def shift_sigma(percent: float, shift: float = SHIFT) -> float:
+    """ModelSamplingSD3's sigma at a percent, computed here without ComfyUI (t = 1 - percent, shifted)."""
+    t = 1.0 - percent
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _flux_window_prompt(tiny, route: str) -> dict:
+    """Tiny Flux -> the style LoRA on a window [30 %, 70 %) at strength 8 (this node; ComfyUI's hook keyframes 0 / 1 /
+    0 from 0 / 30 / 70 %; or none) -> ModelSamplingSD3 shift 8 -> KSampler (euler, normal, 6 steps) -> SaveLatent;
+    with this node, the schedule preview of the model that samples beside it."""
+    from tests.conftest import STYLE_LORA_FLUX
+    from tests.reliability import helpers
+
+    chain = [("ModelSamplingSD3", {"shift": SHIFT})]
+    if route == "node":
+        chain.insert(0, helpers.scheduled_lora(STYLE_LORA_FLUX, strength_model=8.0, start_percent=WINDOW[0],
+                                               end_percent=WINDOW[1]))
+    p = helpers.graph(tiny, "flux", chains=(chain,), steps=6, cfg=2.0)
+    if route == "hooks":
+        p = helpers.with_hook_keyframes(p, STYLE_LORA_FLUX, 8.0, [(0.0, 0.0), (WINDOW[0], 1.0), (WINDOW[1], 0.0)])
+    if route == "node":
+        p["preview"] = {"class_type": "TLoRASchedulePreview", "inputs": {
+            "max_rank": 4, "min_rank": 1, "alpha": 1.0, "model": ["b0m1", 0], "sampler_name": "euler",
+            "scheduler": "normal", "steps": 6, "denoise": 1.0, "timestep_mode": "auto", "curve": "power"}}
+    return p
+
+
+def test_a_model_sampling_node_after_it_is_the_sampling_every_call_the_preview_and_the_labels_follow(server, tiny,
+                                                                                                      artifacts):
+    """Load Diffusion Model -> this node -> ModelSamplingSD3 shift 8 -> KSampler on tiny Flux, the usual SD3 / Wan /
+    Flux graph: every call gets the window's strength at its sigma under shift 8 (computed here without ComfyUI);
+    the sampled latent equals ComfyUI's hook keyframes' on the same model (and differs from the model without the
+    LoRA); the preview given the model that samples shows each call's strength; and the node sends its curve the
+    sigmas of shift 8 during the run, after its own first guess."""
+    import json
+
+    import websocket
+
+    from tests.reliability import helpers
+
+    prompt = _flux_window_prompt(tiny, "node")
+    start = trace_len(server)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=120)
+    try:
+        prompt_id = server.queue(prompt)
+        events = []
+        while True:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            m = json.loads(msg)
+            data = m.get("data", {})
+            assert m["type"] != "execution_error", data
+            if m["type"] == "tlora.sigma_ticks" or m["type"] == "executed" and data.get("node") == "b0m0":
+                events.append((m["type"], data))
+            if m["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+    finally:
+        ws.close()
+    entry = server.wait(prompt_id)
+    calls = trace_lines(server, start)
+    assert len(calls) == 6 and all(len(c["sigma"]) == 2 for c in calls), calls
+    lo, hi = _f32(shift_sigma(WINDOW[1])), _f32(shift_sigma(WINDOW[0]))
+    strengths = []
+    for c in calls:
+        for sigma, s in zip(c["sigma"], c["strength"], strict=True):
+            assert s == (1.0 if lo < sigma <= hi else 0.0), (sigma, s, lo, hi)
+        strengths.append(c["strength"][0])
+    assert strengths.count(1.0) >= 2 and strengths.count(0.0) >= 2, strengths
+    # the schedule preview, given the model that samples: each call's strength, shift 8's sigmas on its axis
+    table = json.loads(entry["outputs"]["preview"]["text"][0])
+    [lora] = table["scheduled_loras"]
+    assert [c["sigma"] for c in lora["calls"]] == pytest.approx([c["sigma"][0] for c in calls], rel=1e-6)
+    assert [c["strength"] for c in lora["calls"]] == [8.0 * s for s in strengths]
+    # the node's labels: its first guess (the sampling it saw) when it ran, then the sampling of the run
+    kinds = [k for k, _ in events]
+    assert kinds == ["executed", "tlora.sigma_ticks"], kinds
+    sent = events[1][1]
+    assert sent["node"] == "b0m0", sent
+    want = [[0.0, 1.0]] + [[p, shift_sigma(p)] for p in (0.25, 0.5, 0.75)] + [[1.0, shift_sigma(0.999)]]
+    np.testing.assert_allclose(sent["ticks"], want, rtol=1e-6)
+    np.testing.assert_allclose(lora["sigma_ticks"], want, rtol=1e-6)
+    guess = events[0][1]["output"]["tlora_sigma_ticks"]
+    assert guess[2][1] != pytest.approx(want[2][1], rel=1e-3), "the first guess already had shift 8"
+    # the same window by ComfyUI's hook keyframes on the same model: the same latent
+    got = helpers.latents(server, entry)[0]
+    hooks = helpers.sample(server, _flux_window_prompt(tiny, "hooks"))
+    none = helpers.sample(server, _flux_window_prompt(tiny, "none"))
+    off, gap = float((got - hooks).norm() / hooks.norm()), float((none - hooks).norm() / hooks.norm())
+    (artifacts / "scheduled_shift8_vs_hooks.json").write_text(json.dumps({"latent_vs_hooks": off, "latent_vs_none": gap,
+                                                                         "strengths": strengths}))
+    assert gap > 1e-2 and off < gap / 100, (off, gap)
