@@ -512,8 +512,8 @@ def test_scheduled_lora_labels_follow_a_model_sampling_node_after_it(page, serve
         const set = (n, name, v) => { const w = n.widgets.find(w => w.name === name); w.value = v; w.callback?.(v); };
         const u = add('UNETLoader', [40, 60]), s = add('TLoRAScheduledLoRA', [360, 60]),
               m = add('ModelSamplingSD3', [760, 60]), k = add('KSampler', [1060, 60]),
-              c1 = add('TLoRADevConditioning', [40, 420]), c2 = add('TLoRADevConditioning', [40, 620]),
-              e = add('EmptyLatentImage', [360, 520]), o = add('SaveLatent', [1400, 60]);
+              c1 = add('TLoRADevConditioning', [40, 1100]), c2 = add('TLoRADevConditioning', [40, 1300]),
+              e = add('EmptyLatentImage', [760, 1100]), o = add('SaveLatent', [1400, 60]);
         set(u, 'unet_name', 'sdxl_koala_comfy.safetensors');
         set(s, 'lora_name', lora); set(s, 'start_percent', 0.5); set(s, 'strength_model', 0.93); set(m, 'shift', 8.0);
         for (const [c, seed] of [[c1, 1], [c2, 2]]) {
