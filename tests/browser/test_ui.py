@@ -4,52 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.browser.conftest import CHROMIUM, ready
 from tests.conftest import MIN_RANK, RANK, ROOT, SD_SCRIPTS_SDXL, TLORA_ALPHA
 from tlora_core.schedule import active_rank
 from tools.harness import workflow
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HERE = Path(__file__).resolve().parent
 LORA = "tlora_sdxl/pytorch_lora_weights.safetensors"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
 def test_chromium_is_installed():
     """The browser tier needs Debian's chromium (`make setup-browser`): missing, it fails here, never skips."""
     assert os.path.exists(CHROMIUM), f"no chromium at {CHROMIUM}: run `make setup-browser`"
-
-
-def _ready(pg) -> None:
-    pg.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager !== undefined",
-                         timeout=120_000)
-    pg.wait_for_function("() => LiteGraph.registered_node_types['TLoRALoader'] !== undefined", timeout=60_000)
-
-
-@pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
-    errors: list[str] = []
-    # a returning user: no first-run templates dialog over the canvas
-    server.post("/settings/Comfy.TutorialCompleted", True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
-        pg = ctx.new_page()
-        pg.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-        pg.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-        pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
-        _ready(pg)
-        pg.errors = errors
-        yield pg
-        browser.close()
 
 
 def load_graph(page, wf: dict) -> None:
@@ -221,7 +192,7 @@ def test_reopened_workflow_shows_its_own_values_and_rewrites_nothing(page, sourc
     assert (widgets["min_rank"], widgets["alpha"]) == (5, 0.6)
     page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")  # a fresh tab: nothing restored
     page.reload(wait_until="domcontentloaded")
-    _ready(page)
+    ready(page)
     page.wait_for_timeout(1000)  # the frontend's own start-up (default graph) is over
     load_graph(page, saved)
     _wait_info(page, LORA)
