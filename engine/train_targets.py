@@ -19,8 +19,10 @@ from .plan import RowTransform
 
 ATTENTION, ATTENTION_FF, ALL_LINEARS = "attention", "attention+feed_forward", "all_linears"
 PRESETS = (ATTENTION, ATTENTION_FF, ALL_LINEARS)
-# LyCORIS class presets that select the same modules on the diffusers model (recorded in the file's config)
-LYCORIS_CLASSES = {ATTENTION: ["Attention"], ATTENTION_FF: ["Attention", "FeedForward"], ALL_LINEARS: None}
+# No LyCORIS class preset for any targets value: LyCORIS' "Attention" / "FeedForward" classes select other modules
+# than these on some families (none of diffusers' Flux attention, whose class is FluxAttention). The file's config
+# names the trained modules instead (`tlora_core.training.module_preset`, recorded by `write_trained`).
+LYCORIS_CLASSES: dict[str, list[str] | None] = {ATTENTION: None, ATTENTION_FF: None, ALL_LINEARS: None}
 
 _TE = re.compile(r"^lycoris_te\d?_")
 # the projections of an attention module, by the names diffusers' attention classes give them
@@ -45,6 +47,21 @@ class TrainTarget:
     conv: bool = False
 
 
+# Flux 2's names of a single block's fused layers, which ComfyUI's Flux map (0.33) also gives Flux 1 models, whose
+# diffusers blocks split linear1 into to_q / to_k / to_v / proj_mlp (reached by row slices) and call linear2 proj_out
+_FLUX2_SINGLE = re.compile(r"^lycoris_single_transformer_blocks_\d+_attn_(?:to_qkv_mlp_proj|to_out)$")
+
+
+def _foreign(model: torch.nn.Module, name: str) -> bool:
+    """A name ComfyUI's key map gives this model that diffusers' model of its family does not have: trained under it,
+    a layer would get a name LyCORIS and diffusers do not know, or be trained twice (whole and by slices)."""
+    classes = {c.__name__ for c in type(model).__mro__}
+    if "Flux" in classes and "Flux2" not in classes and _FLUX2_SINGLE.match(name):
+        return True
+    # the UNet map names label_emb both `class_embedding` (diffusers' unCLIP UNet) and `add_embedding` (SDXL-style)
+    return name.startswith("lycoris_add_embedding_" if "SD21UNCLIP" in classes else "lycoris_class_embedding_")
+
+
 def _selected(name: str, preset: str) -> bool:
     if preset == ALL_LINEARS:
         return True
@@ -57,14 +74,14 @@ def trainable_targets(model: torch.nn.Module, preset: str) -> list[TrainTarget]:
     """Every Linear / 1x1-conv module of the diffusion model that the key maps name, selected by `preset`; one name
     per target: where several spellings reach one layer, the first the key map holds (ComfyUI's own map comes first,
     and lists a model's diffusers spelling before aliases it accepts for other models, e.g. Flux's `ff.net.0.proj`
-    before Flux 2's `ff.linear_in`)."""
+    before Flux 2's `ff.linear_in`); never a name the family's diffusers model lacks (`_foreign`)."""
     if preset not in PRESETS:
         raise ValueError(f"targets must be one of {', '.join(PRESETS)}, got {preset!r}")
     key_map = keymaps.model_key_map(model)
     sd = model.state_dict()
     found: dict[tuple, TrainTarget] = {}
     for name in key_map:
-        if not name.startswith("lycoris_") or _TE.match(name) or not _selected(name, preset):
+        if not name.startswith("lycoris_") or _TE.match(name) or not _selected(name, preset) or _foreign(model, name):
             continue
         key, rows, reorder = keymaps.split_hit(key_map[name])
         if not key.endswith(".weight") or key not in sd:

@@ -82,7 +82,7 @@ export function drawSchedule(ctx, s, width, y, loud = false, label = "") {
   const n = s?.ranks?.length ?? 0;
   drawSeries(ctx, s?.ranks ? {
     values: [...s.ranks].reverse(), yMax: s.maxRank, note: s.note, error: s.error,
-    head: `${label}rank ${s.ranks.at(-1)} → ${s.ranks[0]} of ${s.maxRank}  (alpha ${Number(s.alpha).toFixed(2)})`,
+    head: `${label}rank ${s.ranks.at(-1)} → ${s.ranks[0]} of ${s.maxRank}  (schedule exponent ${Number(s.alpha).toFixed(2)})`,
     left: `noise  t=${n}`, right: "t=0  clean",
   } : s, width, y, loud);
 }

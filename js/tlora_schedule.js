@@ -8,7 +8,7 @@ export function activeRank(t, maxRank, minRank = 1, alpha = 1.0, maxTimestep = M
   if (!Number.isInteger(maxRank) || maxRank < 1) throw new RangeError(`max_rank must be >= 1, got ${maxRank}`);
   if (!Number.isInteger(minRank) || minRank < 1 || minRank > maxRank)
     throw new RangeError(`min_rank must be in [1, ${maxRank}], got ${minRank}`);
-  if (!(alpha > 0) || !Number.isFinite(alpha)) throw new RangeError(`alpha must be > 0, got ${alpha}`);
+  if (!(alpha > 0) || !Number.isFinite(alpha)) throw new RangeError(`alpha (the schedule exponent) must be > 0, got ${alpha}`);
   if (!(t >= 0 && t <= maxTimestep)) throw new RangeError(`timestep must be in [0, ${maxTimestep}], got ${t}`);
   const span = maxRank - minRank;
   let r;

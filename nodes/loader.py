@@ -25,8 +25,8 @@ def _inputs() -> list:
                      "How strongly to apply the T-LoRA to the diffusion model (1 = as trained).",
                      "How strongly to apply text-encoder modules, if the file has any."),
         io.Combo.Input("schedule_source", options=list(SCHEDULE_SOURCES), default="file",
-                       tooltip="file: use min_rank and alpha recorded in the file (metadata or a "
-                               "lycoris_config.json beside it) where it records them, else the sliders. "
+                       tooltip="file: use min_rank and the schedule exponent (alpha) recorded in the file "
+                               "(metadata or a lycoris_config.json beside it) where it records them, else the sliders. "
                                "sliders: always use the sliders. all_ranks: every rank at every step, "
                                "what merging the LoRA does (for comparisons; images burn)."),
         io.Int.Input("min_rank", default=1, min=1, max=1024, step=1, display_mode=io.NumberDisplay.slider,
@@ -34,7 +34,8 @@ def _inputs() -> list:
                              "uses half the rank, e.g. 32 of 64)."),
         io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
                        display_mode=io.NumberDisplay.slider,
-                       tooltip="Schedule exponent (tlora_alpha): 1 = linear, > 1 keeps ranks off longer."),
+                       tooltip="Schedule exponent (tlora_alpha; not LyCORIS alpha): 1 = linear, > 1 keeps ranks off "
+                               "longer."),
         io.Int.Input("max_rank", default=0, min=0, max=1024, step=1,
                      tooltip="Rank the schedule ramps up to; 0 = the file's rank (linear_dim)."),
         io.Combo.Input("timestep_mode", options=list(MODES), default=AUTO,

@@ -119,7 +119,7 @@ def plot(max_rank: int, min_rank: int, alpha: float, calls: list[tuple[int, int]
     ax.set_ylim(0, max_rank * 1.05 + 0.5)
     ax.set_xlabel("timestep t (noise \u2192 clean)")
     ax.set_ylabel("active ranks")
-    ax.set_title(f"T-LoRA schedule: max_rank {max_rank}, min_rank {min_rank}, alpha {alpha:g}"
+    ax.set_title(f"T-LoRA schedule: max_rank {max_rank}, min_rank {min_rank}, schedule exponent {alpha:g}"
                  + ("" if curve == schedule.POWER else f", {curve}"))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
@@ -149,7 +149,7 @@ class TLoRASchedulePreview(io.ComfyNode):
                 io.Int.Input("max_rank", default=64, min=1, max=1024, tooltip="The T-LoRA's rank (linear_dim)."),
                 io.Int.Input("min_rank", default=1, min=1, max=1024, tooltip="Ranks active at the noisiest step."),
                 io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
-                               tooltip="Schedule exponent: 1 = linear."),
+                               tooltip="Schedule exponent (tlora_alpha; not LyCORIS alpha): 1 = linear."),
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: the model to sample with, to show the ranks of real sampler calls "
                                        "and the strength each call gets from the scheduled LoRAs on it."),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass, field
 
 import comfy.utils
 import folder_paths
@@ -19,7 +21,8 @@ from .common import progress_bar
 log = logging.getLogger("tlora.train")
 
 CUSTOM = "custom"
-# Recipes a user picks from; every value stays editable through "custom"
+# Recipes a user picks from: choosing one in the editor writes its values into these widgets; what trains is always
+# the widgets' values (a value edited after choosing turns the preset to "custom" there)
 PRESET_VALUES = {
     # ControlGenAI/T-LoRA's single-image SDXL recipe (the paper): rank 64, min_rank 32, scale 1, attention
     "paper, single image": {"rank": 64, "min_rank": 32, "alpha": 1.0, "linear_alpha": 0.0, "learning_rate": 1e-4,
@@ -30,6 +33,28 @@ PRESET_VALUES = {
 }
 PRESET_NAMES = [*PRESET_VALUES, CUSTOM]
 NONE = "none"
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
+def preset_departures(preset: str, values: dict) -> dict[str, dict]:
+    """The values that differ from the named preset's: {name: {"preset": the preset's value, "trained": the value
+    given}}; none for "custom"."""
+    named = PRESET_VALUES.get(preset, {})
+    return {k: {"preset": v, "trained": values[k]} for k, v in named.items() if not _same(values[k], v)}
+
+
+@dataclass(frozen=True)
+class NodeTrainSettings(TrainSettings):
+    """The settings the node trains with, plus the preset they were chosen under and the values that depart from it
+    (recorded with the others in the file's `tlora_training`)."""
+
+    preset: str = CUSTOM
+    preset_departures: dict = field(default_factory=dict)
 
 
 def output_path(filename: str, overwrite: bool) -> str:
@@ -57,10 +82,11 @@ def _inputs() -> list:
         io.String.Input("filename", default="tlora/my_tlora",
                         tooltip="Where to save the T-LoRA, inside models/loras (.safetensors is added)."),
         io.Combo.Input("preset", options=PRESET_NAMES, default=PRESET_NAMES[0],
-                       tooltip="A recipe: 'paper, single image' (rank 64, min_rank 32, scale 1, attention, lr 1e-4, "
-                               "800 steps), 'SimpleTuner' (rank 64, linear_alpha 32, min_rank 1, attention + "
-                               "feed-forward). Its values replace rank, min_rank, alpha, linear_alpha, learning_rate, "
-                               "steps and targets; 'custom' uses the widgets."),
+                       tooltip="A recipe: 'paper, single image' (rank 64, min_rank 32, schedule exponent 1, LyCORIS "
+                               "alpha 0 = scale 1, attention, lr 1e-4, 800 steps), 'SimpleTuner' (rank 64, min_rank "
+                               "1, LyCORIS alpha 32, attention + feed-forward). Choosing one writes its values into "
+                               "steps, learning_rate, rank, min_rank, alpha, linear_alpha and targets; editing one of "
+                               "those turns this to 'custom'. What trains is always the widgets' values."),
         io.Int.Input("steps", default=800, min=1, max=100000, tooltip="Optimizer steps."),
         io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                        tooltip="Learning rate (AdamW's 1e-4 is the paper's)."),
@@ -68,9 +94,11 @@ def _inputs() -> list:
         io.Int.Input("min_rank", default=32, min=1, max=512,
                      tooltip="Ranks active at the noisiest timestep (tlora_min_rank)."),
         io.Float.Input("alpha", default=1.0, min=0.05, max=10.0, step=0.05,
-                       tooltip="Schedule exponent (tlora_alpha): 1 = linear from min_rank to rank."),
+                       tooltip="Schedule exponent (tlora_alpha; not LyCORIS alpha): how the active rank grows from "
+                               "min_rank to rank as noise falls; 1 = linearly."),
         io.Float.Input("linear_alpha", default=0.0, min=0.0, max=1024.0, step=1.0,
-                       tooltip="LyCORIS alpha: the delta is scaled by linear_alpha / rank; 0 = rank (scale 1)."),
+                       tooltip="LyCORIS alpha (linear_alpha; not the schedule exponent): the delta is scaled by "
+                               "linear_alpha / rank; 0 = rank (scale 1)."),
         io.Combo.Input("targets", options=list(PRESETS), default=ATTENTION,
                        tooltip="Which layers: attention projections, plus feed-forward, or every linear the pack "
                                "maps."),
@@ -134,12 +162,14 @@ class TLoRATrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
         one = {k: v[0] if isinstance(v, list) else v for k, v in widgets.items()}
-        preset = one.pop("preset")
-        if preset != CUSTOM:
-            one.update(PRESET_VALUES[preset])
         resume, filename, overwrite = one.pop("resume_from"), one.pop("filename"), one.pop("overwrite")
         out = output_path(filename, overwrite)
-        settings = TrainSettings(**one)
+        # the values sent are the values trained; a preset only names where they came from
+        departs = preset_departures(one["preset"], one)
+        if departs:
+            log.warning("Train T-LoRA: preset '%s' with %s: training the values given", one["preset"],
+                        ", ".join(f"{k} {d['trained']} (preset {d['preset']})" for k, d in departs.items()))
+        settings = NodeTrainSettings(**one, preset_departures=departs)
         tensors = [lat["samples"] for lat in latents]
         pbar = comfy.utils.ProgressBar(settings.steps)
         node_id = cls.hidden.unique_id if getattr(cls, "hidden", None) is not None else None
@@ -156,6 +186,8 @@ class TLoRATrain(io.ComfyNode):
         trained, _ = apply_tlora(model[0], tl, Settings(1.0, settings.rank, settings.min_rank, settings.alpha,
                                                         settings.timestep_mode))
         text = f"{name}: {settings.steps} steps, loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
+        if departs:
+            text += f" (preset '{settings.preset}' except {', '.join(departs)})"
         return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
 
 

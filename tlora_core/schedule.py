@@ -37,7 +37,7 @@ def validate(max_rank: int, min_rank: int = 1, alpha: float = 1.0) -> None:
     if isinstance(min_rank, bool) or int(min_rank) != min_rank or not 1 <= min_rank <= max_rank:
         raise ValueError(f"min_rank must be an integer in [1, max_rank={max_rank}], got {min_rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        raise ValueError(f"alpha (the schedule exponent) must be a finite number > 0, got {alpha!r}")
 
 
 def active_rank(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -129,11 +129,32 @@ def loss_weight(c_out: torch.Tensor) -> torch.Tensor:
 
 def lycoris_config(rank: int, linear_alpha: float, min_rank: int, alpha: float, preset: list[str] | None
                    ) -> dict[str, Any]:
+    """SimpleTuner's `lycoris_config`: LyCORIS' network arguments, the schedule (tlora_min_rank, the schedule
+    exponent tlora_alpha) and, given `preset` (LyCORIS class names), an `apply_preset` of those classes.
+    `write_trained` replaces that `apply_preset` with the modules it writes, by name (`module_preset`)."""
     cfg: dict[str, Any] = {"algo": "tlora", "multiplier": 1.0, "linear_dim": rank, "linear_alpha": linear_alpha,
                            "tlora_min_rank": min_rank, "tlora_alpha": alpha}
     if preset:
         cfg["apply_preset"] = {"target_module": preset}
     return cfg
+
+
+_FNMATCH = {"_": "[._]", "[": "[[]", "]": "[]]", "*": "[*]", "?": "[?]"}
+
+
+def module_preset(names: Iterable[str], prefix: str = "lycoris") -> dict[str, Any]:
+    """The LyCORIS `apply_preset` that selects exactly the modules named (`<prefix>_<module path, '.' -> '_'>`):
+    no class (LyCORIS' class presets select other modules on some families: its "Attention" finds none in diffusers'
+    Flux, whose attention class is FluxAttention), and one fnmatch pattern per module path, `[._]` where the name has
+    `_` (the flattened name does not say which were dots). `LycorisNetwork.apply_preset(p)` then
+    `create_lycoris(model, ...)` builds those modules and no other, on any diffusers version that keeps the paths."""
+    head = f"{prefix}_"
+    names = sorted(set(names))
+    if bad := [n for n in names if not n.startswith(head)]:
+        raise ValueError(f"module names must start with {head!r}, got {bad[:3]}")
+    paths = [n[len(head):] for n in names]
+    return {"target_module": [], "target_name": ["".join(_FNMATCH.get(c, c) for c in p) for p in paths],
+            "use_fnmatch": True}
 
 
 def trained_tensors(modules: Mapping[str, TrainableTLoRA], store_base: bool) -> dict[str, torch.Tensor]:
@@ -157,9 +178,11 @@ def write_trained(path: str, modules: Mapping[str, TrainableTLoRA], config: Mapp
                   training: Mapping[str, Any], base_source: Mapping[str, Any] | None = None) -> str:
     """A standard LyCORIS `tlora` file (LyCORIS' key names, `lycoris_config` metadata) written atomically, with the
     stored base and its `tlora_base` record when `base_source` is given (the pack's self-contained format), and a
-    SimpleTuner-style `lycoris_config.json` sidecar beside it, named `<stem>.lycoris_config.json`."""
+    SimpleTuner-style `lycoris_config.json` sidecar beside it, named `<stem>.lycoris_config.json`. The config's
+    `apply_preset` is always `module_preset` of the modules written: what LyCORIS rebuilds from it is this file."""
     tensors = trained_tensors(modules, base_source is not None)
-    meta = {"lycoris_config": json.dumps(dict(config), sort_keys=True),
+    config = {**config, "apply_preset": module_preset(modules)}
+    meta = {"lycoris_config": json.dumps(config, sort_keys=True),
             METADATA: json.dumps(dict(training), sort_keys=True),
             "linear_dim": str(config["linear_dim"]), "tlora_min_rank": str(config["tlora_min_rank"]),
             "tlora_alpha": str(config["tlora_alpha"])}
@@ -172,6 +195,6 @@ def write_trained(path: str, modules: Mapping[str, TrainableTLoRA], config: Mapp
     sidecar = f"{stem}.lycoris_config.json"
     tmp = f"{sidecar}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(config), f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
     os.replace(tmp, sidecar)
     return path

@@ -143,3 +143,60 @@ def test_same_seed_same_draws():
     assert (0 < u).all() and (u < 1).all() and t.min() >= 0 and t.max() <= 999
     uni = draw_flow_u(torch.Generator().manual_seed(5), 4096, "uniform")
     assert abs(float(uni.mean()) - 0.5) < 0.03
+
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_q_extra = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Dropout(0.0)])
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+        self.ff_net = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)])
+
+
+class _Toy(torch.nn.Module):
+    """Names a loose pattern would confuse: blocks.1 / blocks.10 / blocks.11, to_q / to_q_extra, a class named
+    Attention whose other modules are not trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_in = torch.nn.Conv2d(4, 8, 1)
+        self.blocks = torch.nn.ModuleList([_Block() for _ in range(12)])
+
+
+def test_the_recorded_preset_makes_lycoris_build_exactly_the_modules_written(tmp_path):
+    """`write_trained` records an `apply_preset` (in the metadata and the sidecar) from which LyCORIS, applied as
+    SimpleTuner applies it, builds the written modules and nothing else, whatever class preset the caller gave."""
+    import json
+
+    from lycoris import LycorisNetwork, create_lycoris
+    from safetensors import safe_open
+
+    toy = _Toy()
+    chosen = ["proj_in", "blocks.1.attn.to_q", "blocks.1.attn.to_out.0", "blocks.10.ff_net.2"]
+    mods = {}
+    for path in chosen:
+        w = toy.get_submodule(path).weight.detach()
+        u, s, v = top_singular(w.reshape(w.shape[0], -1), 2)
+        name = "lycoris_" + path.replace(".", "_")
+        mods[name] = TrainableTLoRA(name, u, s, v, 1.0, conv=w.ndim == 4)
+    out = tmp_path / "toy.safetensors"
+    write_trained(str(out), mods, lycoris_config(2, 2.0, 1, 1.0, ["Attention"]), {"steps": 1})
+    with safe_open(str(out), "pt") as f:
+        cfg = json.loads(f.metadata()["lycoris_config"])
+    assert json.loads((tmp_path / "toy.lycoris_config.json").read_text()) == cfg
+    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
+            "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+    saved = {k: getattr(LycorisNetwork, k) for k in keys}
+    try:
+        LycorisNetwork.apply_preset(cfg["apply_preset"])
+        net = create_lycoris(toy, 1.0, linear_dim=cfg["linear_dim"], linear_alpha=cfg["linear_alpha"], algo="tlora")
+    finally:
+        for k, v in saved.items():
+            setattr(LycorisNetwork, k, v)
+    assert {lo.lora_name for lo in net.loras} == set(mods)
