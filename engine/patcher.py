@@ -218,9 +218,9 @@ class TLoRAApplication:
         ms = executor.class_obj.model_sampling  # the sampling of this call: object patches applied
         ts, ranks = st.ranks_for(t, ms)
         scales = st.scales_for(t, ms)
-        prev = st.active.set(ranks, st.mask(ranks, x.device, scales), scales)
-        if st.trace_path:
+        if st.trace_path:  # before the rank is set: a trace that cannot be written leaves nothing set
             st.write_trace(t, ts, ranks, scales)
+        prev = st.active.set(ranks, st.mask(ranks, x.device, scales), scales)
         try:
             return executor(x, t, *args, **kwargs)
         finally:

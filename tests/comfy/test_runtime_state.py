@@ -149,3 +149,19 @@ def test_a_file_rewritten_while_it_is_read_is_not_cached(pack, made, tmp_path, m
     assert files.files.counters["misses"] == misses + 1, "a file read while it changed was served from the cache"
     files.read_file(str(path))
     assert files.files.counters["misses"] == misses + 1, "an unchanged file was read again"
+
+
+def test_a_trace_that_cannot_be_written_leaves_no_rank_set(pack, made, tmp_path):
+    """TLORA_TRACE pointing at something that cannot be appended to: the call fails with that error, and the rank it
+    was about to run with is not left set on the thread (the next call outside the wrapper sees every rank)."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    clone, app = _apply(pack, made["twin"].patcher, made["path"])
+    app.state.trace_path = str(tmp_path)  # a folder: open(..., "a") fails
+    comfy.model_management.load_models_gpu([clone])
+    with pytest.raises(OSError), torch.no_grad():
+        clone.model.apply_model(made["x"], sigma_for(clone, 999, False), transformer_options={
+            "wrappers": comfy.patcher_extension.copy_nested_dicts(clone.wrappers)}, **made["conds"])
+    active = app.state.active
+    assert (active.rank, active.sample_ranks, active.mask) == (None, None, None), (active.rank, active.sample_ranks)
