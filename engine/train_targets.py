@@ -50,6 +50,10 @@ class TrainTarget:
 # Flux 2's names of a single block's fused layers, which ComfyUI's Flux map (0.33) also gives Flux 1 models, whose
 # diffusers blocks split linear1 into to_q / to_k / to_v / proj_mlp (reached by row slices) and call linear2 proj_out
 _FLUX2_SINGLE = re.compile(r"^lycoris_single_transformer_blocks_\d+_attn_(?:to_qkv_mlp_proj|to_out)$")
+# Flux.1's diffusers names that ComfyUI's map also gives Flux.2 (whose diffusers model fuses the single blocks' q/k/v
+# and MLP into `attn.to_qkv_mlp_proj`, and names its feed-forward `linear_in/out`, its embedders `time_guidance_embed`)
+_FLUX1_ONLY = re.compile(r"^lycoris_(?:single_transformer_blocks_\d+_(?:attn_to_[qkv]|proj_mlp|proj_out)|"
+                         r"time_text_embed_\w+|transformer_blocks_\d+_ff(?:_context)?_net_\w+)$")
 
 
 def _foreign(model: torch.nn.Module, name: str) -> bool:
@@ -57,6 +61,8 @@ def _foreign(model: torch.nn.Module, name: str) -> bool:
     a layer would get a name LyCORIS and diffusers do not know, or be trained twice (whole and by slices)."""
     classes = {c.__name__ for c in type(model).__mro__}
     if "Flux" in classes and "Flux2" not in classes and _FLUX2_SINGLE.match(name):
+        return True
+    if "Flux2" in classes and _FLUX1_ONLY.match(name):
         return True
     # the UNet map names label_emb both `class_embedding` (diffusers' unCLIP UNet) and `add_embedding` (SDXL-style)
     return name.startswith("lycoris_add_embedding_" if "SD21UNCLIP" in classes else "lycoris_class_embedding_")
