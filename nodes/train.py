@@ -14,6 +14,7 @@ from ..engine.timesteps import AUTO, MODES
 from ..engine.train_targets import ATTENTION, ATTENTION_FF, PRESETS
 from ..engine.training import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, TrainSettings, train
 from ..tlora_core import TLoRAError
+from ..tlora_core.export import standard_path
 from .common import progress_bar
 
 log = logging.getLogger("tlora.train")
@@ -106,6 +107,10 @@ def _inputs() -> list:
         io.Combo.Input("resume_from", options=loras, default=NONE,
                        tooltip="Continue training from a T-LoRA trained on this model with the same rank and targets."),
         io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
+        io.Boolean.Input("export_standard", default=False, optional=True,
+                         tooltip="Also write <name>.standard.safetensors (and one beside each checkpoint): the "
+                                 "T-LoRA as a rank-2R standard LoRA that LoraLoader and other tools apply at every "
+                                 "rank (no schedule), and Load T-LoRA runs with its schedule."),
     ]
 
 
@@ -156,6 +161,8 @@ class TLoRATrain(io.ComfyNode):
         trained, _ = apply_tlora(model[0], tl, Settings(1.0, settings.rank, settings.min_rank, settings.alpha,
                                                         settings.timestep_mode))
         text = f"{name}: {settings.steps} steps, loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
+        if settings.export_standard:
+            text += f"; standard LoRA (every rank): {standard_path(name)}"
         return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
 
 
