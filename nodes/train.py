@@ -123,8 +123,9 @@ class TLoRATrain(io.ComfyNode):
             category="loaders/T-LoRA",
             description=("Trains a T-LoRA (timestep-dependent LoRA) on one or a few images, the way the paper and "
                          "SimpleTuner do: each sample uses only the first r(t) ranks of its own timestep. Saves a "
-                         "standard LyCORIS 'tlora' file into models/loras and returns the model running it exactly "
-                         "as Load T-LoRA would."),
+                         "standard LyCORIS 'tlora' file into models/loras (and, with export_standard, a rank-2R "
+                         "standard LoRA of it for other loaders) and returns the model running it exactly as Load "
+                         "T-LoRA would."),
             is_input_list=True,
             is_output_node=True,
             inputs=_inputs(),
