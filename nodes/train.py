@@ -16,6 +16,7 @@ from ..engine.timesteps import AUTO, MODES
 from ..engine.train_targets import ATTENTION, ATTENTION_FF, PRESETS
 from ..engine.training import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, TrainSettings, train
 from ..tlora_core import TLoRAError
+from ..tlora_core.export import standard_path
 from .common import progress_bar
 
 log = logging.getLogger("tlora.train")
@@ -134,6 +135,10 @@ def _inputs() -> list:
         io.Combo.Input("resume_from", options=loras, default=NONE,
                        tooltip="Continue training from a T-LoRA trained on this model with the same rank and targets."),
         io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
+        io.Boolean.Input("export_standard", default=False, optional=True,
+                         tooltip="Also write <name>.standard.safetensors (and one beside each checkpoint): the "
+                                 "T-LoRA as a rank-2R standard LoRA that LoraLoader and other tools apply at every "
+                                 "rank (no schedule), and Load T-LoRA runs with its schedule."),
     ]
 
 
@@ -146,8 +151,9 @@ class TLoRATrain(io.ComfyNode):
             category="loaders/T-LoRA",
             description=("Trains a T-LoRA (timestep-dependent LoRA) on one or a few images, the way the paper and "
                          "SimpleTuner do: each sample uses only the first r(t) ranks of its own timestep. Saves a "
-                         "standard LyCORIS 'tlora' file into models/loras and returns the model running it exactly "
-                         "as Load T-LoRA would."),
+                         "standard LyCORIS 'tlora' file into models/loras (and, with export_standard, a rank-2R "
+                         "standard LoRA of it for other loaders) and returns the model running it exactly as Load "
+                         "T-LoRA would."),
             is_input_list=True,
             is_output_node=True,
             inputs=_inputs(),
@@ -188,6 +194,8 @@ class TLoRATrain(io.ComfyNode):
         text = f"{name}: {settings.steps} steps, loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
         if departs:
             text += f" (preset '{settings.preset}' except {', '.join(departs)})"
+        if settings.export_standard:
+            text += f"; standard LoRA (every rank): {standard_path(name)}"
         return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
 
 

@@ -20,6 +20,9 @@ Recorded = dict[str, tuple[float, str]]
 RANKS = "ranks"  # rank i of the file is rank i of the schedule
 PAIRS = "pairs"  # a rank-2R export: up = [P diag(l), -P0 diag(l0)], down = [Q; Q0]; rank i goes with rank R + i
 STANDARD_LAYOUTS = ("auto", RANKS, PAIRS)
+# the metadata record of this pack's own rank-2R export (tlora_core.export), and its creator
+PACK_EXPORT = "tlora_export"
+PACK_EXPORT_CREATOR = "ComfyUI-TLoRA Train T-LoRA"
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,15 @@ def standard_layout(metadata: dict[str, str], rank: int, choice: str = "auto") -
     LyCORIS' tlora export (the fork of LyCORIS pull request 280, and its `tools/convert_tlora.py`) writes rank 2R with
     alpha 2a: its `lycoris_config` or `ss_network_args` says `algo: tlora`, and the rank it records is half the
     tensors'. AnimaLoraStudio's LoCon path also says `algo: tlora`, at the recorded rank. convert_tlora.py records
-    nothing at all: such a file is loaded with `standard_layout` = pairs."""
+    nothing at all: such a file is loaded with `standard_layout` = pairs. This pack's own export says so in its
+    `tlora_export` record."""
     if choice not in STANDARD_LAYOUTS:
         raise ValueError(f"standard_layout must be one of {', '.join(STANDARD_LAYOUTS)}, got {choice!r}")
     if choice != "auto":
         return choice, f"standard_layout '{choice}' (set on the node)"
+    own = _json(metadata, PACK_EXPORT)
+    if own.get("creator") == PACK_EXPORT_CREATOR and rank % 2 == 0 and _num(own.get("rank")) == rank // 2:
+        return PAIRS, f"{PACK_EXPORT_CREATOR}'s rank-2R export of a rank-{rank // 2} T-LoRA ('{PACK_EXPORT}' record)"
     dim = _dim(metadata)
     args = _json(metadata, "ss_network_args")
     if metadata.get("ss_network_module") == ORANGEMAGIC_ANIMA and not any(k.startswith("ss_tlora_") for k in metadata):
@@ -135,6 +142,8 @@ def identify(fmt: str, names: set[str], metadata: dict[str, str], rank: int, sto
             return Writer("lycoris_stored_base", "a LyCORIS-layout trainer that stores its base",
                           assumed="no known trainer's marker: LyCORIS' schedule defaults (min_rank 1, alpha 1)")
         return Writer("simpletuner", "SimpleTuner / LyCORIS (algo tlora)")
+    if layout == PAIRS and _json(metadata, PACK_EXPORT).get("creator") == PACK_EXPORT_CREATOR:
+        return Writer("tlora_train_export", f"{PACK_EXPORT_CREATOR} (rank-2R export)")
     if layout == PAIRS:
         return Writer("lycoris_export", "LyCORIS tlora export (rank 2R, pull request 280 / convert_tlora.py)")
     if module == "networks.tlora_anima" or metadata.get("ss_adapter_algorithm") == "timestep_lora" or state:

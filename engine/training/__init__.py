@@ -30,6 +30,7 @@ from .. import timesteps
 from ..patcher import require_api
 from ..train_targets import LYCORIS_CLASSES, trainable_targets
 from .checkpointing import saved_copies
+from .export import standard_names
 from .files import RunFiles
 from .loop import Loop, TrainSampler
 from .modules import init_modules, resume_modules
@@ -74,6 +75,7 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     if not targets:
         raise TLoRAError(out, f"no layer of this {type(patcher.model).__name__} model is known to the key maps "
                               f"under the '{s.targets}' targets: the pack cannot map this family")
+    export_names = standard_names(patcher.model, targets, out) if s.export_standard else None
     device = comfy.model_management.get_torch_device()
     modules, digests, storage = init_modules(patcher, targets, s, out, device, svd_progress)
     steps_before = resume_modules(modules, resume, s) if resume else 0
@@ -94,7 +96,7 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     facts = {"timesteps": how, "modules": len(modules), "images": int(latent.shape[0]),
              "model": type(patcher.model).__name__}
     files = RunFiles(out, modules, s, config, source_record(source_name, digests, storage, "Train T-LoRA"), facts,
-                     steps_before, resume)
+                     steps_before, resume, export_names)
 
     loop = Loop(s, modules, patch, files.checkpoint, progress, device)
     try:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ...tlora_core.export import standard_path, write_export
 from ...tlora_core.training import TrainableTLoRA, write_trained
 from .settings import TrainSettings
 
@@ -24,14 +25,16 @@ def comfy_version() -> str:
 
 class RunFiles:
     """The files of one run at `out`: checkpoints `<stem>_step<N>.safetensors` and the final file, each with the
-    run's settings and the steps done (counting those of the file it resumed from)."""
+    run's settings and the steps done (counting those of the file it resumed from). With `export_names` (module ->
+    the name stock LoRA loaders read), each also gets its rank-2R standard LoRA `<stem>.standard.safetensors`."""
 
     def __init__(self, out: str, modules: Mapping[str, TrainableTLoRA], s: TrainSettings, config: dict[str, Any],
                  base_source: dict[str, Any] | None, facts: dict[str, Any], steps_before: int = 0,
-                 resume: str | None = None):
+                 resume: str | None = None, export_names: Mapping[str, str] | None = None):
         self.out, self.modules, self.s, self.config = out, modules, s, config
         self.base_source = base_source if s.store_base else None
         self.facts, self.steps_before, self.resume = facts, steps_before, resume
+        self.export_names = export_names
 
     def record(self, steps_done: int) -> dict[str, Any]:
         return {**self.s.record(), **self.facts, "steps": self.steps_before + steps_done, "comfyui": comfy_version(),
@@ -43,8 +46,18 @@ class RunFiles:
     def checkpoint(self, steps_done: int) -> str:
         path = self.checkpoint_path(steps_done)
         write_trained(path, self.modules, self.config, self.record(steps_done), self.base_source)
+        self.export(path, steps_done)
         log.info("Train T-LoRA: checkpoint %s", path)
         return path
 
     def final(self, steps_done: int) -> str:
-        return write_trained(self.out, self.modules, self.config, self.record(steps_done), self.base_source)
+        write_trained(self.out, self.modules, self.config, self.record(steps_done), self.base_source)
+        self.export(self.out, steps_done)
+        return self.out
+
+    def export(self, path: str, steps_done: int) -> str | None:
+        """The rank-2R standard LoRA beside the T-LoRA at `path` (when the run asks for it)."""
+        if self.export_names is None:
+            return None
+        return write_export(standard_path(path), self.modules, self.export_names, self.config,
+                            self.record(steps_done), os.path.basename(path))

@@ -42,6 +42,7 @@ class TrainSettings:
     store_base: bool = True
     save_every: int = 0
     guidance: float = 1.0
+    export_standard: bool = False  # also write the rank-2R standard LoRA beside the file and each checkpoint
 
     def problems(self) -> list[str]:
         out = []
