@@ -17,8 +17,8 @@ nodes -> engine -> tlora_core.
 """
 
 from .apply import Settings, apply_text_encoder, apply_tlora, resolve_schedule
-from .files import describe_lora, file_key, lora_path, read_file
-from .save import output_path, save_with_base
+from .files import describe_lora, file_key, lora_path, output_path, read_file
+from .save import output_name, save_with_base
 
-__all__ = ["Settings", "apply_text_encoder", "apply_tlora", "describe_lora", "file_key", "lora_path", "output_path",
-           "read_file", "resolve_schedule", "save_with_base"]
+__all__ = ["Settings", "apply_text_encoder", "apply_tlora", "describe_lora", "file_key", "lora_path", "output_name",
+           "output_path", "read_file", "resolve_schedule", "save_with_base"]

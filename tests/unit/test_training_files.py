@@ -73,3 +73,42 @@ def test_trained_files_are_named_as_train_tlora(tmp_path, base):
     out = subprocess.run([sys.executable, "-m", "tlora_core", "info", str(path)], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out)["writer"] == title, out
+
+
+def test_loss_scaling_follows_torch_gradscaler():
+    """The trainer's loss scaler against torch.amp.GradScaler on the same fp32 parameters and gradients: the same
+    scale after every step, the same steps skipped (an inf or a nan gradient), the same parameters."""
+    from tlora_core.loss_scale import LossScaler
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    ours_p = [torch.nn.Parameter(t.clone()) for t in start]
+    ref_p = [torch.nn.Parameter(t.clone()) for t in start]
+    ours_opt, ref_opt = torch.optim.AdamW(ours_p, lr=1e-2), torch.optim.AdamW(ref_p, lr=1e-2)
+    ours = LossScaler(True, init_scale=2.0**10, growth_interval=3)
+    ref = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    bad = {2: float("inf"), 3: float("nan"), 9: float("inf")}
+    skipped = 0
+    for step in range(14):
+        x = torch.randn(3, generator=g)
+        for params, scaler_loss in ((ours_p, ours.scale_loss), (ref_p, ref.scale)):
+            loss = (params[0] @ x).square().sum() + params[1].square().sum() * bad.get(step, 1.0)
+            scaler_loss(loss).backward()
+        finite = ours.unscale(ours_p)
+        if finite:
+            torch.nn.utils.clip_grad_norm_(ours_p, 1.0)
+            ours_opt.step()
+        ours.update(finite)
+        ref.unscale_(ref_opt)
+        torch.nn.utils.clip_grad_norm_(ref_p, 1.0)
+        before = ref.get_scale()
+        ref.step(ref_opt)
+        ref.update()
+        skipped += ref.get_scale() < before
+        assert ours.scale == ref.get_scale(), step
+        assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p, strict=True)), step
+        ours_opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    assert ours.skipped == skipped == len(bad) and ours.scale != 2.0**10
+    off = LossScaler(False)
+    assert off.scale_loss(torch.tensor(3.0)) == 3.0 and off.unscale(ours_p) and off.skipped == 0
