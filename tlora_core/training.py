@@ -170,6 +170,7 @@ def write_trained(path: str, modules: Mapping[str, TrainableTLoRA], config: Mapp
     stem = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
     sidecar = f"{stem}.lycoris_config.json"
     tmp = f"{sidecar}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:  # the sidecar first, to a temporary name: nothing is replaced unless both are written
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(dict(config), f, indent=2, sort_keys=True)

@@ -108,7 +108,8 @@ def read(path: str) -> RunState | None:
 def restore_optimizer(optimizer: torch.optim.Optimizer, names: list[str], st: RunState) -> None:
     """Load the state's moments into `optimizer` (its parameters named by `names`, as `capture` saw them)."""
     index = {n: i for i, n in enumerate(names)}
-    state = {index[n]: dict(d) for n, d in st.moments.items()}
+    with torch.inference_mode(False):  # normal tensors (read where ComfyUI runs nodes): the optimizer updates them
+        state = {index[n]: {k: v.clone() for k, v in d.items()} for n, d in st.moments.items()}
     groups = []
     for saved, now in zip(st.groups, optimizer.state_dict()["param_groups"], strict=True):
         g = {**saved, "params": now["params"]}
