@@ -12,6 +12,10 @@ The input model is left as it was: the training runs on a clone, its slots, wrap
 in `finally`, and the only change to the shared weights is that tensors created under inference mode are replaced by
 normal copies of the same values (autograd cannot save inference tensors), so sampling with the input model after
 training is bit-identical to before.
+
+Every file a run writes has its training state beside it (`state.py`), so `resume_from` continues the run exactly
+(`resume.py`, which also refuses files trained otherwise); a model that computes in fp16 trains with dynamic loss
+scaling (`tlora_core.loss_scale`); an interrupt keeps the last finished step.
 """
 
 from __future__ import annotations
