@@ -12,13 +12,14 @@ nodes -> engine -> tlora_core.
   apply       all of the above for one file on one model (and its text encoder)
   save        self-contained copies of LyCORIS files
   scheduled   any standard LoRA on a timestep schedule: the same per-call slots with a strength per call
+  conv        the conv arguments factors run with on a conv layer (one rule for the loader and the trainer)
   training/   Train T-LoRA: settings, the trainable slots on a clone, checkpointing, the loop, init and resume,
-              the files a run writes (train_targets: which layers, under which names)
+              the files a run writes and their training state (train_targets: which layers, under which names)
 """
 
 from .apply import Settings, apply_text_encoder, apply_tlora, resolve_schedule
-from .files import describe_lora, file_key, lora_path, read_file
-from .save import output_path, save_with_base
+from .files import describe_lora, file_key, lora_path, output_path, read_file
+from .save import output_name, save_with_base
 
-__all__ = ["Settings", "apply_text_encoder", "apply_tlora", "describe_lora", "file_key", "lora_path", "output_path",
-           "read_file", "resolve_schedule", "save_with_base"]
+__all__ = ["Settings", "apply_text_encoder", "apply_tlora", "describe_lora", "file_key", "lora_path", "output_name",
+           "output_path", "read_file", "resolve_schedule", "save_with_base"]

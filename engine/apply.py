@@ -21,22 +21,12 @@ import torch
 from ..tlora_core import TLoRA, TLoRAError, recorded, schedule
 from ..tlora_core.slot import FactorRef, FactorStore, LayerSlot
 from . import bases, keymaps, timesteps
+from .conv import conv_args
 from .files import file_key, svd_cache
 from .patcher import RankState, TLoRAApplication, require_api
 from .plan import map_modules, plan
 
 log = logging.getLogger("tlora.apply")
-
-
-def _conv_args(module, adapter) -> dict | None:
-    """The factors' conv arguments on a conv layer: its own for a 1x1 conv and for a LoCon's k x k down kernel; on a
-    k x k conv with 1x1 factors (that run at the tap of index `padding`) its stride, with no padding, as the trainers
-    that write such files run them."""
-    if not isinstance(module, torch.nn.Conv2d):
-        return None
-    if any(k != 1 for k in module.kernel_size) and adapter.kernel is None:
-        return {"stride": module.stride, "padding": 0, "dilation": 1, "groups": 1}
-    return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
 
 
 def compute_dtype(patcher) -> torch.dtype:
@@ -92,7 +82,7 @@ def apply_tlora(patcher, tl: TLoRA, settings: Settings, progress=None, strength_
     for t in p.targets:
         module = comfy.utils.get_attr(patcher.model, t.path)
         ref = FactorRef(store, prepared.adapters[t.adapter.name])
-        slot = LayerSlot(ref, state.active, settings.strength, t.out_slice, _conv_args(module, t.adapter))
+        slot = LayerSlot(ref, state.active, settings.strength, t.out_slice, conv_args(module, t.adapter.kernel))
         bindings.append((t.path, slot))
     app = TLoRAApplication(state, bindings, store)
     clone = patcher.clone()

@@ -24,6 +24,7 @@ from ..tlora_core import TLoRA, TLoRAError, diagnostics
 from ..tlora_core.adapter import ModuleAdapter
 from ..tlora_core.lru import LockedLRU
 from ..tlora_core.svd import BaseJob, SVDCache, Triplets, compute_base_triplets, default_workers
+from ..tlora_core.writers import PACK_WRITERS
 from .plan import LayerTarget
 from .weights import EXACT, LOW, LayerWeight, UnreadableWeight, layer_weight
 
@@ -166,7 +167,7 @@ def _fit_check(tl: TLoRA, targets: list[LayerTarget], weights: dict[str, LayerWe
                for t in targets[::step][:FIT_LAYERS]]
     figure = statistics.median(figures)
     name = os.path.basename(tl.path)
-    source = (tl.stored_base or {}).get("checkpoint", "an unnamed checkpoint") if tl.writer.id == "self_contained" \
+    source = (tl.stored_base or {}).get("checkpoint", "an unnamed checkpoint") if tl.writer.id in PACK_WRITERS \
         else f"stored by its trainer, {tl.writer.title}"
     notes = [(logging.INFO, f"T-LoRA {name}: stored SVD base (from {source}); residual on this checkpoint "
                             f"{figure:.3f} over {len(figures)} layers")]

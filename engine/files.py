@@ -48,6 +48,27 @@ def lora_path(lora_name: str) -> str:
     return path
 
 
+def output_path(name: str, folder: str, overwrite: bool, subfolders: bool = True, where: str = "") -> str:
+    """Where a node writes the file `name` (`.safetensors` added): inside `folder`, in sub-folders of it only when
+    `subfolders`. Refuses empty, absolute and drive names, '..' anywhere, and any name whose normalised path leaves
+    the folder; an existing file unless `overwrite`. `where` names the folder in the messages."""
+    where = where or folder
+    clean = name.strip()
+    parts = clean.replace("\\", "/").split("/")
+    bad = (not clean or os.path.isabs(clean) or clean.startswith(("/", "\\")) or (len(clean) > 1 and clean[1] == ":")
+           or any(p in ("", ".", "..") for p in parts) or (not subfolders and len(parts) > 1))
+    if bad:
+        rule = "a relative name, sub-folders allowed" if subfolders else "a plain file name, no folders"
+        raise TLoRAError(clean or "(empty)", f"the file name must be {rule}, inside {where} (no '..', not absolute)")
+    root = os.path.normpath(os.path.abspath(folder))
+    path = os.path.normpath(os.path.join(root, clean if clean.endswith(".safetensors") else clean + ".safetensors"))
+    if not path.startswith(root + os.sep):
+        raise TLoRAError(clean, f"refused: the path leads outside {where}")
+    if os.path.exists(path) and not overwrite:
+        raise TLoRAError(path, "exists: choose another file name or switch on 'overwrite'")
+    return path
+
+
 def file_key(path: str, assume_vanilla: bool = False, standard_layout: str = "auto") -> FileKey:
     stats = []
     for p in (path, *sidecars(path)):

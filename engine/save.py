@@ -26,12 +26,10 @@ log = logging.getLogger("tlora.save")
 CREATED_BY = "Save T-LoRA with base"
 
 
-def output_path(path: str, filename: str) -> str:
-    """The output file beside the input one; refuses names with folders in them."""
-    name = filename.strip() or os.path.splitext(os.path.basename(path))[0] + ".with_base.safetensors"
-    if os.path.basename(name) != name or name in (".", ".."):
-        raise TLoRAError(path, f"output name {filename!r} must be a plain file name (it is written beside the input)")
-    return os.path.join(os.path.dirname(path), name if name.endswith(".safetensors") else name + ".safetensors")
+def output_name(path: str, filename: str) -> str:
+    """The output's name: `filename`, or `<input stem>.with_base.safetensors` (written beside the input through
+    `files.output_path`)."""
+    return filename.strip() or os.path.splitext(os.path.basename(path))[0] + ".with_base.safetensors"
 
 
 def save_with_base(patcher, path: str, out: str, base_name: str = "", overwrite: bool = False, progress=None) -> str:

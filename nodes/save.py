@@ -7,7 +7,7 @@ import os
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..engine import lora_path, output_path, save_with_base
+from ..engine import lora_path, output_name, output_path, save_with_base
 from .common import progress_bar
 
 
@@ -39,6 +39,8 @@ class TLoRASaveWithBase(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, filename, base_name, overwrite) -> io.NodeOutput:
         path = lora_path(lora_name)
-        out = save_with_base(model, path, output_path(path, filename), base_name, overwrite, progress_bar())
+        out = output_path(output_name(path, filename), os.path.dirname(path), overwrite, subfolders=False,
+                          where="the input file's folder")
+        out = save_with_base(model, path, out, base_name, overwrite, progress_bar())
         return io.NodeOutput(out, ui={"text": [os.path.basename(out)]})
 

@@ -11,11 +11,10 @@ import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..engine import Settings, apply_tlora, read_file
+from ..engine import Settings, apply_tlora, output_path, read_file
 from ..engine.timesteps import AUTO, MODES
 from ..engine.train_targets import ATTENTION, ATTENTION_FF, PRESETS
 from ..engine.training import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, TrainSettings, train
-from ..tlora_core import TLoRAError
 from ..tlora_core.export import standard_path
 from .common import progress_bar
 
@@ -58,21 +57,6 @@ class NodeTrainSettings(TrainSettings):
     preset_departures: dict = field(default_factory=dict)
 
 
-def output_path(filename: str, overwrite: bool) -> str:
-    """`filename` inside the first loras folder (sub-folders allowed, no escapes), with `.safetensors`."""
-    name = filename.strip()
-    if not name or name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise TLoRAError(name or "(empty)", "the file name must be a relative name inside models/loras "
-                                            "(no '..', not absolute)")
-    root = folder_paths.get_folder_paths("loras")[0]
-    path = os.path.normpath(os.path.join(root, name if name.endswith(".safetensors") else name + ".safetensors"))
-    if not path.startswith(os.path.normpath(root) + os.sep):
-        raise TLoRAError(name, "refused: the path leads outside models/loras")
-    if os.path.exists(path) and not overwrite:
-        raise TLoRAError(path, "exists: choose another file name or switch on 'overwrite'")
-    return path
-
-
 def _inputs() -> list:
     loras = [NONE, *folder_paths.get_filename_list("loras")]
     return [
@@ -113,8 +97,9 @@ def _inputs() -> list:
         io.Boolean.Input("gradient_checkpointing", default=True,
                          tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
         io.Combo.Input("training_dtype", options=list(DTYPES), default="auto",
-                       tooltip="Compute dtype of the model while training; auto = the model's own. The trained "
-                               "factors are always float32."),
+                       tooltip="Compute dtype of the model while training; auto = the model's own (fp16 for SD1.5 "
+                               "and SDXL on most GPUs). fp16 trains with dynamic loss scaling: steps whose gradients "
+                               "overflow are skipped and counted. The trained factors are always float32."),
         io.Combo.Input("timestep_sampling", options=list(SAMPLINGS), default="auto",
                        tooltip="How training timesteps are drawn. auto: uniform integer timesteps for SD-style "
                                "models, logit-normal noise levels (with the model's shift) for flow models."),
@@ -131,9 +116,13 @@ def _inputs() -> list:
                          tooltip="Store the SVD base in the file: exact on any storage of the model (fp8, GGUF); "
                                  "doubles the file size."),
         io.Int.Input("save_every", default=0, min=0, max=100000,
-                     tooltip="Also save a checkpoint every N steps (<name>_step<N>.safetensors); 0 = only the end."),
+                     tooltip="Also save a checkpoint every N steps (<name>_step<N>.safetensors, its .train_state "
+                             "beside it); 0 = only the end. An interrupt saves the last finished step."),
         io.Combo.Input("resume_from", options=loras, default=NONE,
-                       tooltip="Continue training from a T-LoRA trained on this model with the same rank and targets."),
+                       tooltip="Continue a run from a file it wrote (a checkpoint or the final file: with its "
+                               ".train_state the run continues exactly) or from another trainer's T-LoRA (its factors "
+                               "only). steps = how many more. Refused unless rank, min_rank, alpha, linear_alpha, "
+                               "targets and model are the file's."),
         io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
         io.Boolean.Input("export_standard", default=False, optional=True,
                          tooltip="Also write <name>.standard.safetensors (and one beside each checkpoint): the "
@@ -169,7 +158,7 @@ class TLoRATrain(io.ComfyNode):
     def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
         one = {k: v[0] if isinstance(v, list) else v for k, v in widgets.items()}
         resume, filename, overwrite = one.pop("resume_from"), one.pop("filename"), one.pop("overwrite")
-        out = output_path(filename, overwrite)
+        out = output_path(filename, folder_paths.get_folder_paths("loras")[0], overwrite, where="models/loras")
         # the values sent are the values trained; a preset only names where they came from
         departs = preset_departures(one["preset"], one)
         if departs:
@@ -191,7 +180,11 @@ class TLoRATrain(io.ComfyNode):
         tl = read_file(out, False)
         trained, _ = apply_tlora(model[0], tl, Settings(1.0, settings.rank, settings.min_rank, settings.alpha,
                                                         settings.timestep_mode))
-        text = f"{name}: {settings.steps} steps, loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
+        text = f"{name}: {result.steps} steps, loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}"
+        if result.loss_scaling:
+            text += f", fp16 loss scaling: {result.skipped} steps skipped"
+        if result.resumed:
+            text += f"; continued {result.resumed}"
         if departs:
             text += f" (preset '{settings.preset}' except {', '.join(departs)})"
         if settings.export_standard:

@@ -122,18 +122,8 @@ class ModuleAdapter:
     def _ortho_rows(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.base_down is None or self.base_up is None or self.base_lam is None or self.lam is None:
             raise ValueError(f"{self.name}: SVD base not built yet")
-        # lam p q^T - lam0 p0 q0^T  ==  (lam p)(q - q0)^T + (lam p - lam0 p0) q0^T: the same two rows per
-        # rank, but in bf16/fp16 the large trained and base terms never cancel each other
-        q, q0, p0 = self.down.float(), self.base_down.float(), self.base_up.float()
-        # a rebuilt SVD base may carry the opposite sign per rank (each term s u v^T is sign-free):
-        # align it with the trained factors so that q - q0 stays small
-        sgn = torch.where((q * q0).sum(1) < 0, -1.0, 1.0)
-        q0, p0 = q0 * sgn[:, None], p0 * sgn[None, :]
-        lp = self.lam.float()[None, :] * self.up.float()
-        lp0 = self.base_lam.float()[None, :] * p0
-        down = torch.stack([q - q0, q0], dim=1).flatten(0, 1)
-        up_t = scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)
-        return down, up_t
+        return ortho_rows(self.down.float(), self.up.float(), self.lam.float(), self.base_down.float(),
+                          self.base_up.float(), self.base_lam.float(), scale)
 
     def delta_weight(self, rank: int) -> torch.Tensor:
         """Weight change with the first `rank` ranks active, float32, shaped like the layer's weight."""
@@ -142,3 +132,29 @@ class ModuleAdapter:
         down, up_t, k = self.prefix_factors()
         delta = up_t[: k * rank].T @ down[: k * rank]
         return delta.reshape(self.weight_shape)
+
+
+def align_base_signs(q: torch.Tensor, q0: torch.Tensor, p0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q0, p0) with each base rank's sign chosen to agree with the trained q (q_i . q0_i >= 0).
+
+    A rebuilt SVD base may carry the opposite sign per rank to the one the factors were trained against (each term
+    lambda0_i p0_i q0_i^T is the same either way), and then q - q0 is large where it should be small: in bf16/fp16
+    the difference form loses its precision. The loader and the trainer align the base with this one rule."""
+    sgn = torch.where((q.detach() * q0).sum(1) < 0, -1.0, 1.0).to(q0.dtype)
+    return q0 * sgn[:, None], p0 * sgn[None, :]
+
+
+def ortho_rows(q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, q0: torch.Tensor, p0: torch.Tensor,
+               lam0: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down (2R, in), up_t (2R, out)) of a LyCORIS tlora module, interleaved per rank, base signs aligned:
+
+        lam p q^T - lam0 p0 q0^T  ==  (lam p)(q - q0)^T + (lam p - lam0 p0) q0^T
+
+    the same two rows per rank, but in bf16/fp16 the large trained and base terms never cancel each other.
+    Differentiable in q, p and lam (the trainer's forward)."""
+    q0, p0 = align_base_signs(q, q0, p0)
+    lp = lam[None, :] * p
+    lp0 = lam0[None, :] * p0
+    down = torch.stack([q - q0, q0], dim=1).flatten(0, 1)
+    up_t = scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)
+    return down, up_t

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -73,13 +73,17 @@ def write_self_contained(tl: TLoRA, triplets: Mapping[str, Triplets], out_path: 
     return write_atomically(tensors, out_path, metadata)
 
 
-def write_atomically(tensors: Mapping[str, torch.Tensor], out_path: str, metadata: Mapping[str, str]) -> str:
+def write_atomically(tensors: Mapping[str, torch.Tensor], out_path: str, metadata: Mapping[str, str],
+                     before_replace: Callable[[], None] | None = None) -> str:
     """A safetensors file written to a temporary name and renamed into place: readers never see a partial file, and
-    a failed write leaves nothing behind."""
+    a failed write leaves nothing behind. `before_replace` runs once the file is written, just before the rename
+    (the files that go with it are put in place there: if they fail, the old file stays)."""
     tmp = f"{out_path}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, out_path)
     except BaseException:
         try:

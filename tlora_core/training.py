@@ -22,11 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adapter import ORTHO, ModuleAdapter
+from .adapter import ORTHO, ModuleAdapter, align_base_signs, ortho_rows
 from .digest import FORMAT_VERSION, stored_base_digest
 from .embed import write_atomically
+from .writers import TRAINED_METADATA
 
-METADATA = "tlora_training"  # JSON: how the file was trained (steps, lr, seed, ...)
+METADATA = TRAINED_METADATA  # "tlora_training", JSON: how the file was trained (steps, lr, seed, ...)
 LOGIT_NORMAL, UNIFORM = "logit_normal", "uniform"
 T_MAX = 1000
 
@@ -58,10 +59,12 @@ class TrainableTLoRA(torch.nn.Module):
 
     @classmethod
     def from_adapter(cls, a: ModuleAdapter) -> TrainableTLoRA:
-        """Resume from a LyCORIS module with its base installed (trained factors and base as the file has them)."""
+        """Resume from a LyCORIS module with its base installed (trained factors and base as the file has them; a
+        rebuilt base's signs aligned with the factors as the loader aligns them)."""
         if a.kind != ORTHO or a.base_up is None or a.base_down is None or a.base_lam is None or a.lam is None:
             raise ValueError(f"{a.name}: a T-LoRA module with its base is needed to resume training")
-        m = cls(a.name, a.base_up, a.base_lam, a.base_down.T, a.scale, a.conv)
+        q0, p0 = align_base_signs(a.down.float(), a.base_down.float(), a.base_up.float())
+        m = cls(a.name, p0, a.base_lam, q0.T, a.scale, a.conv)
         with torch.inference_mode(False), torch.no_grad():
             m.q.copy_(a.down.float())
             m.p.copy_(a.up.float())
@@ -70,11 +73,8 @@ class TrainableTLoRA(torch.nn.Module):
 
     def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (2R, in), up_t (2R, out)), differentiable, interleaved per rank: the first r ranks are the first
-        2r rows, as in `ModuleAdapter.prefix_factors`."""
-        lp = self.lam[None, :] * self.p
-        lp0 = self.lam0[None, :] * self.p0
-        down = torch.stack([self.q - self.q0, self.q0], dim=1).flatten(0, 1)
-        up_t = self.scale * torch.stack([lp.T, (lp - lp0).T], dim=1).flatten(0, 1)
+        2r rows, exactly as the loader's `ModuleAdapter.prefix_factors` builds them (the same function)."""
+        down, up_t = ortho_rows(self.q, self.p, self.lam, self.q0, self.p0, self.lam0, self.scale)
         return (down, up_t) if dtype is None else (down.to(dtype), up_t.to(dtype))
 
     def delta(self, x: torch.Tensor, mask: torch.Tensor | None, conv_args: Mapping[str, Any] | None = None
@@ -190,11 +190,15 @@ def write_trained(path: str, modules: Mapping[str, TrainableTLoRA], config: Mapp
         record = {"version": FORMAT_VERSION, **base_source, "layers": len(modules),
                   "digest": stored_base_digest(tensors)}
         meta["tlora_base"] = json.dumps(record, sort_keys=True)
-    write_atomically(tensors, path, meta)
     stem = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
     sidecar = f"{stem}.lycoris_config.json"
-    tmp = f"{sidecar}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(tmp, sidecar)
+    tmp = f"{sidecar}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:  # the sidecar first, to a temporary name: nothing is replaced unless both are written
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(config), f, indent=2, sort_keys=True)
+        write_atomically(tensors, path, meta, before_replace=lambda: os.replace(tmp, sidecar))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path

@@ -87,6 +87,9 @@ def standard_layout(metadata: dict[str, str], rank: int, choice: str = "auto") -
 
 
 ORANGEMAGIC_ANIMA = "networks.lora_tlora_anima"  # orangemagic123/sd-scripts
+TRAINED = "train_tlora"  # written by this pack's Train T-LoRA
+TRAINED_METADATA = "tlora_training"  # its run record (tlora_core.training.METADATA)
+PACK_WRITERS = ("self_contained", TRAINED)  # files this pack wrote: their `tlora_base` record names the checkpoint
 _EVERY_RANK_PREVIEWS = ("its trainer samples with every rank (schedule_source 'all_ranks' to match its previews); "
                         "the schedule runs it as it was trained")
 
@@ -127,6 +130,8 @@ def identify(fmt: str, names: set[str], metadata: dict[str, str], rank: int, sto
     if fmt in ("official_ortho", "official_vanilla"):
         return Writer("official", "ControlGenAI/T-LoRA (the paper's repository)")
     if fmt == "lycoris_tlora":
+        if TRAINED_METADATA in metadata:  # Train T-LoRA's run record (with or without a stored base)
+            return Writer(TRAINED, "ComfyUI-TLoRA (Train T-LoRA)")
         if has_record:
             return Writer("self_contained", "ComfyUI-TLoRA (Save T-LoRA with base)")
         if any(n.startswith("tlora_") for n in names) or metadata.get("ss_adapter_module") == "library.adapters.tlora":

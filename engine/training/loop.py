@@ -1,5 +1,6 @@
-"""The training loop: timestep draws, micro-batches through ComfyUI's guider, the loss, the optimizer, checkpoints.
-It runs inside `Guider_Basic.sample` as a `comfy.samplers.Sampler` (what ComfyUI's own trainer does)."""
+"""The training loop: timestep draws, micro-batches through ComfyUI's guider, the loss (scaled for fp16 models), the
+optimizer, checkpoints with the run's state. It runs inside `Guider_Basic.sample` as a `comfy.samplers.Sampler`
+(what ComfyUI's own trainer does)."""
 
 from __future__ import annotations
 
@@ -10,52 +11,113 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
+from ...tlora_core.loss_scale import LossScaler
 from ...tlora_core.training import LOGIT_NORMAL, UNIFORM, TrainableTLoRA, draw_discrete_t, draw_flow_u, loss_weight
 from .. import timesteps
+from . import state as run_state
 from .checkpointing import INPLACE_ERROR, saved_copies
 from .patch import TrainingPatch
+from .resume import Resumed
 from .settings import Progress, TrainSettings
 
 log = logging.getLogger("tlora.train")
 
+Save = Callable[[int, run_state.RunState], str]
+
+
+def one_step_schedule(sigma: torch.Tensor) -> torch.Tensor:
+    """`sample_sigmas` for a training call: the schedule of one step from the call's noise level(s) to 0 (a training
+    call denoises straight to x0), so readers of the schedule (hook keyframes, context windows, HunyuanVideo 1.5)
+    find the call's sigma in it."""
+    levels = sorted({float(v) for v in sigma.detach().float().reshape(-1).tolist()}, reverse=True)
+    return torch.tensor([*levels, 0.0], device=sigma.device)
+
+
+def make_optimizer(s: TrainSettings, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if s.optimizer == "AdamW":
+        return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    if s.optimizer == "Adam":
+        return torch.optim.Adam(params, lr=s.learning_rate)
+    return torch.optim.SGD(params, lr=s.learning_rate)
+
 
 class Loop:
-    def __init__(self, s: TrainSettings, modules: dict[str, TrainableTLoRA], patch: TrainingPatch,
-                 save: Callable[[int], str | None], progress: Progress | None, device):
+    def __init__(self, s: TrainSettings, modules: dict[str, TrainableTLoRA], patch: TrainingPatch, save: Save,
+                 progress: Progress | None, device, resumed: Resumed | None = None):
         self.s, self.modules, self.patch, self.state = s, modules, patch, patch.state
         self.save, self.progress, self.device = save, progress, device
-        self.generator = torch.Generator().manual_seed(s.seed)
-        params = [p for m in modules.values() for p in m.parameters()]
-        if s.optimizer == "AdamW":
-            self.opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=s.learning_rate,
-                                                                weight_decay=s.weight_decay)
-        elif s.optimizer == "Adam":
-            self.opt = torch.optim.Adam(params, lr=s.learning_rate)
-        else:
-            self.opt = torch.optim.SGD(params, lr=s.learning_rate)
-        self.params = params
-        self.losses: list[float] = []
+        self.steps_before = resumed.steps if resumed is not None else 0
+        # a resumed run without a state never repeats the first run's draws
+        self.generator = torch.Generator().manual_seed(s.seed + (self.steps_before << 32))
+        self.names = run_state.param_names(modules)
+        self.params = [p for m in modules.values() for p in m.parameters()]
+        self.opt = make_optimizer(s, self.params)
+        self.scaler = LossScaler(False)
+        self.losses: list[float] = list(resumed.losses) if resumed is not None else []  # the whole run's
+        self.done = 0  # steps finished by this run
         self.checkpoints: list[str] = []
+        self.saved_at = -1  # the step (of this run) last written with its state
         self.drawn: list[float] = []  # the trainer's timestep of every sample drawn, in order (tests, diagnostics)
+        self.resumed = resumed
+        self.rng_done = self.generator.get_state()  # the generator as the last finished step left it
+
+    def start(self, fp16: bool) -> None:
+        """Once the model is loaded: loss scaling for an fp16 model, then the resumed run's state (if any)."""
+        self.scaler = LossScaler(fp16)
+        st = self.resumed.state if self.resumed is not None else None
+        if st is None:
+            return
+        self.generator.set_state(st.generator)
+        self.rng_done = self.generator.get_state()
+        self.scaler.load_state_dict(st.scaler)
+        if st.optimizer == type(self.opt).__name__:
+            run_state.restore_optimizer(self.opt, self.names, st)
+            for g in self.opt.param_groups:  # this run's learning rate and decay (a constant rate: the step is its
+                g["lr"] = self.s.learning_rate  # position)
+                if "weight_decay" in g and self.s.optimizer == "AdamW":
+                    g["weight_decay"] = self.s.weight_decay
+        else:
+            log.info("Train T-LoRA: optimizer %s (the state holds %s): it starts afresh", self.s.optimizer,
+                     st.optimizer)
+
+    def run_state(self) -> run_state.RunState:
+        """Everything needed to continue after the last finished step."""
+        return run_state.capture(self.opt, self.names, self.rng_done, self.scaler.state_dict(),
+                                 self.steps_before + self.done, self.losses, self.s.record(),
+                                 run_state.factors_digest(self.modules))
+
+    def checkpoint(self) -> str | None:
+        """Write the last finished step with its state, unless it is already written (or no step finished)."""
+        if self.done == 0 or self.saved_at == self.done:
+            return None
+        path = self.save(self.done, self.run_state())
+        self.saved_at = self.done
+        self.checkpoints.append(path)
+        return path
 
     def draw_sigmas(self, ms, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One sigma per sample: integer DDPM timesteps (their table entry) for discrete models, the model's own
-        shift of a logit-normal or uniform noise fraction for flow models, the SD table for EDM ones."""
+        """One sigma per sample: integer DDPM timesteps (their table entry) for discrete models; for flow and EDM
+        models the model's own `percent_to_sigma` of a uniform or logit-normal noise fraction: the shift of flow
+        models, and the whole of an EDM model's range (Playground 2.5 to 80, CosXL to 120), log-uniform."""
         kind = timesteps.kind_of(ms)
         how = self.s.timestep_sampling
         own = generator is None
         generator = self.generator if generator is None else generator
-        if kind in ("discrete", "edm"):
+        if kind == "discrete":
             if how == LOGIT_NORMAL:
                 t = (draw_flow_u(generator, n) * timesteps.schedule.MAX_TIMESTEP).long().clamp(0, 999)
             else:
                 t = draw_discrete_t(generator, n)
-            table = ms.sigmas if kind == "discrete" else timesteps.sd_sigmas()
             self.drawn += [float(v) for v in t] if own else []
-            return table.detach().float().cpu()[t]
-        u = draw_flow_u(generator, n, UNIFORM if how == UNIFORM else LOGIT_NORMAL)
+            return ms.sigmas.detach().float().cpu()[t]
+        if how not in (UNIFORM, LOGIT_NORMAL):  # auto: SimpleTuner's logit-normal for flow, uniform for EDM
+            how = LOGIT_NORMAL if kind == "flow" else UNIFORM
+        u = draw_flow_u(generator, n, how)
         sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - float(v))) for v in u])
-        self.drawn += [float(v) * timesteps.schedule.MAX_TIMESTEP for v in sigma] if own else []
+        if own and kind == "flow":
+            self.drawn += [float(v) * timesteps.schedule.MAX_TIMESTEP for v in sigma]
+        elif own:  # EDM: the timestep the loader gives this sigma
+            self.drawn += timesteps.rule(self.s.timestep_mode, ms)(sigma)
         return sigma
 
     def probe(self, model_wrap, extra_args, ms, cond, latent: torch.Tensor) -> None:
@@ -92,24 +154,29 @@ class Loop:
                     sel = torch.tensor([j for j, i in enumerate(idx.tolist()) if cond_of[i] == ci])
                     step_losses += self.micro_batch(model_wrap, extra_args, ms, conds[ci], latent[idx[sel]],
                                                     noise[sel], sigma[sel])
-            if s.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
-            self.opt.step()
+            finite = self.scaler.unscale(self.params)  # gradients in true units, before clipping
+            if finite:
+                if s.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+                self.opt.step()
+            else:
+                log.info("Train T-LoRA: step %d skipped: fp16 gradients overflowed at loss scale %g",
+                         self.steps_before + step + 1, self.scaler.scale)
+            self.scaler.update(finite)
             self.opt.zero_grad(set_to_none=True)
-            loss = sum(step_losses) / len(step_losses)
-            self.losses.append(loss)
+            self.losses.append(sum(step_losses) / len(step_losses))
+            self.done, self.rng_done = step + 1, self.generator.get_state()
             if self.progress is not None:
-                self.progress(step + 1, s.steps, loss)
+                self.progress(step + 1, s.steps, self.losses[-1])
             if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
-                saved = self.save(step + 1)
-                if saved:
-                    self.checkpoints.append(saved)
+                self.checkpoint()
 
     def micro_batch(self, model_wrap, extra_args, ms, cond, x0, noise, sigma) -> list[float]:
         device = self.device
         x0, noise, sigma = x0.to(device), noise.to(device, x0.dtype), sigma.to(device)
         xt = ms.noise_scaling(sigma, noise, x0)
         model_wrap.conds["positive"] = [cond]
+        extra_args["model_options"].setdefault("transformer_options", {})["sample_sigmas"] = one_step_schedule(sigma)
         calls = len(self.state.calls)
         try:
             with torch.enable_grad(), saved_copies(self.patch.copies):
@@ -122,7 +189,7 @@ class Loop:
                     c_out = ms.calculate_denoised(sigma, ones, torch.zeros_like(ones))
                     err = err * loss_weight(c_out.flatten(1)[:, 0]).to(err.dtype)
                 total = self.s.batch_size * self.s.grad_accumulation
-                (err.sum() / total).backward()
+                self.scaler.scale_loss(err.sum() / total).backward()
         finally:
             self.state.mask = None  # the ranks held through the backward pass
         return [float(e) for e in err.detach().cpu()]
@@ -139,5 +206,3 @@ class TrainSampler(comfy.samplers.Sampler):
                disable_pbar=False):
         self.loop.run(model_wrap, extra_args, latent_image, self.cond_of)
         return torch.zeros_like(latent_image)
-
-

@@ -1,5 +1,5 @@
-"""The trainable modules of a run: the principal SVD init of every target (through the SVD cache the loader shares),
-or the factors of a file to resume from."""
+"""The trainable modules of a run: the principal SVD init of every target (through the SVD cache the loader shares).
+A resumed run replaces them by the file's (`resume.py`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...tlora_core import TLoRAError, load_tlora
+from ...tlora_core import TLoRAError
 from ...tlora_core.digest import weight_digest
 from ...tlora_core.svd import compute_base_triplets, default_workers
 from ...tlora_core.training import TrainableTLoRA
@@ -42,27 +42,3 @@ def shape_only(t: TrainTarget, rank: int):
 
     return ModuleAdapter(name=t.name, kind=ORTHO, up=torch.empty(t.out_features, rank, device="meta"),
                          down=torch.empty(rank, t.in_features, device="meta"), svd_base=True, conv=t.conv)
-
-
-def resume_modules(modules: dict[str, TrainableTLoRA], path: str, s: TrainSettings) -> int:
-    """Continue from a file: its trained factors (and stored base, else the one just rebuilt). Returns its steps."""
-    tl = load_tlora(path)
-    missing = [n for n in modules if n not in tl.modules]
-    if missing:
-        raise TLoRAError(path, f"has no module for {len(missing)} of the {len(modules)} targets (e.g. {missing[0]}): "
-                               "resume from a file trained on this model with the same targets")
-    for name, m in modules.items():
-        a = tl.modules[name]
-        if a.rank != s.rank:
-            raise TLoRAError(path, f"module '{name}' has rank {a.rank}, not {s.rank}: resume with its rank")
-        if a.needs_svd_base:
-            a = a.with_base(m.p0, m.lam0, m.q0.T)
-        modules[name] = TrainableTLoRA.from_adapter(a)
-    try:
-        import json
-
-        return int(json.loads(tl.metadata.get("tlora_training", "{}")).get("steps", 0))
-    except (ValueError, TypeError):
-        return 0
-
-

@@ -14,6 +14,7 @@ import torch
 
 from ...tlora_core.slot import rank_mask
 from ...tlora_core.training import TrainableTLoRA
+from ..conv import conv_args
 from ..patcher import RankState, _dispatch_forward, _undispatch
 from ..train_targets import TrainTarget
 from .checkpointing import checkpoint_blocks, uncheckpoint
@@ -55,13 +56,6 @@ class TrainSlot:
                           y.narrow(dim, start + size, n - start - size)], dim=dim)
 
 
-def _conv_args(module) -> dict | None:
-    if isinstance(module, torch.nn.Conv2d):
-        return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
-                "groups": module.groups}
-    return None
-
-
 def deinference(model: torch.nn.Module) -> int:
     """Replace plain float tensors created under inference mode by normal copies of the same values (autograd cannot
     save inference tensors for backward). Quantized storage (fp8 with a cast, QuantizedTensor, GGUF) computes with
@@ -97,7 +91,7 @@ class TrainingPatch:
         self.slots = {}
         for t in targets:
             module = comfy.utils.get_attr(self.clone.model, t.path)
-            self.slots[t.path, t.out_slice] = TrainSlot(modules[t.name], self.state, t, _conv_args(module))
+            self.slots[t.path, t.out_slice] = TrainSlot(modules[t.name], self.state, t, conv_args(module))
         self.clone.set_injections(KEY, [comfy.patcher_extension.PatcherInjection(self._inject, self._eject)])
         self.clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY, self._wrapper)
         self._restore: list = []

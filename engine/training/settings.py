@@ -74,9 +74,13 @@ class TrainSettings:
 @dataclass
 class TrainResult:
     path: str
-    losses: list[float]
+    losses: list[float]  # every step's loss, those of the run it continues first
     modules: dict[str, TrainableTLoRA]
     calls: list[dict[str, Any]] = field(default_factory=list)  # per model call: sigma, t, rank (tests, diagnostics)
     checkpoints: list[str] = field(default_factory=list)
     seconds: float = 0.0
     drawn: list[float] = field(default_factory=list)  # the timestep of every sample drawn (flow: sigma * 1000)
+    steps: int = 0  # steps done in all, those of the run it continues included
+    skipped: int = 0  # steps skipped because fp16 gradients overflowed (loss scaling), in all
+    loss_scaling: bool = False  # the model computed in fp16: the loss was scaled dynamically
+    resumed: str = ""  # what it continued: "<file> at step N (with its training state | factors only)"

@@ -162,5 +162,5 @@ def test_saving_refuses_files_that_need_no_base_and_existing_outputs(pack, made,
     with pytest.raises(pack.tlora_core.TLoRAError, match="exists"):
         save(made["twin"].patcher, str(made["plain"]), str(existing))
     assert existing.read_bytes() == b"keep me"
-    with pytest.raises(pack.tlora_core.TLoRAError, match="plain file name"):
-        pack.engine.save.output_path(str(made["plain"]), "../escape.safetensors")
+    with pytest.raises(pack.tlora_core.TLoRAError, match="plain file name"):  # beside the input, no folders
+        pack.engine.output_path("../escape.safetensors", str(tmp_path), False, subfolders=False)

@@ -373,9 +373,11 @@ def test_checkpoints_are_written_and_an_interrupt_leaves_no_partial_file(pack, t
                                        str(out), progress=stop_at_five)
     finally:
         mm.interrupt_current_processing(False)
-    assert not out.exists()
-    assert (tmp_path / "interrupted_step3.safetensors").exists()
-    assert not (tmp_path / "interrupted_step6.safetensors").exists()
+    assert not out.exists()  # no partial final file; the last finished step (5) is kept, with its state
+    assert sorted(p.name for p in tmp_path.glob("interrupted*")) == [
+        f"interrupted_step{n}.{ext}" for n in (3, 5) for ext in ("lycoris_config.json", "safetensors", "train_state")]
+    assert json.loads(pack.tlora_core.load_tlora(tmp_path / "interrupted_step5.safetensors")
+                      .metadata["tlora_training"])["steps"] == 5
     assert not list(tmp_path.glob("*.tmp"))
     dm = trained["twin"].patcher.model.diffusion_model
     assert not [n for n, m in dm.named_modules() if m.__dict__.get("_tlora_slots") or "forward" in m.__dict__]
