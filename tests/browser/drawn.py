@@ -193,9 +193,29 @@ def read(img: np.ndarray, scale: float = 1.0) -> Graph:
     return Graph((ys[0], xs[0], ys[1], xs[1]), img, scale)
 
 
+def _into_view(page, find: str, widget: str, rect: dict) -> dict:
+    """The widget's rectangle once it lies inside the window: a tall node (Nodes 2.0 draws taller widgets) can put
+    its graph below the bottom edge, where nothing is drawn; the canvas is panned up (or down) by whole pixels."""
+    vw, vh = page.evaluate("() => [window.innerWidth, window.innerHeight]")
+    dy = 0
+    if rect["y"] + rect["height"] > vh - 8:
+        dy = vh - 8 - rect["y"] - rect["height"]
+    if rect["y"] + dy < 40:  # below the menu bar
+        dy = 40 - rect["y"]
+    dx = -rect["x"] + 60 if rect["x"] < 60 or rect["x"] + rect["width"] > vw - 8 else 0
+    if not dx and not dy:
+        return rect
+    page.evaluate("""([dx, dy]) => { const c = window.app.canvas;
+        c.ds.offset = [c.ds.offset[0] + Math.round(dx / c.ds.scale), c.ds.offset[1] + Math.round(dy / c.ds.scale)];
+        c.setDirty(true, true); }""", [dx, dy])
+    page.wait_for_timeout(150)  # two frames, and the Vue layer's transform
+    return locate(page, find, widget)
+
+
 def graph(page, find: str, widget: str) -> Graph:
     rect = locate(page, find, widget)
     assert "missing" not in rect, rect["missing"]
+    rect = _into_view(page, find, widget, rect)
     return read(grab(page, rect), rect["scale"])
 
 

@@ -184,8 +184,9 @@ def test_the_export_is_written_beside_each_checkpoint(pack, run):
     step3 = str(folder / "trained_step3.safetensors")
     assert res.checkpoints == [step3]
     assert sorted(p.name for p in folder.iterdir()) == sorted([
-        "trained.safetensors", "trained.standard.safetensors", "trained.lycoris_config.json",
-        "trained_step3.safetensors", "trained_step3.standard.safetensors", "trained_step3.lycoris_config.json"])
+        "trained.safetensors", "trained.standard.safetensors", "trained.lycoris_config.json", "trained.train_state",
+        "trained_step3.safetensors", "trained_step3.standard.safetensors", "trained_step3.lycoris_config.json",
+        "trained_step3.train_state"])
     load = pack.tlora_core.load_tlora
     for tlora, steps in ((step3, 3), (res.path, 6)):
         tl, ex = load(tlora), load(pack.tlora_core.export.standard_path(tlora))
@@ -249,4 +250,4 @@ def test_the_node_writes_the_export_and_says_so(pack, loras, twins):
     assert text.startswith("node/export.safetensors: 2 steps") and \
         text.endswith("standard LoRA (every rank): node/export.standard.safetensors"), text
     assert sorted(p.name for p in (loras / "node").iterdir()) == [
-        "export.lycoris_config.json", "export.safetensors", "export.standard.safetensors"]
+        "export.lycoris_config.json", "export.safetensors", "export.standard.safetensors", "export.train_state"]
