@@ -4,12 +4,15 @@ deeper layouts (SDXL's transformer depths; Flux with more blocks). Prints one JS
 
   python benchmarks/bench_checkpointing.py                         every listed model (CPU, ~15 minutes on 2 cores)
   python benchmarks/bench_checkpointing.py --models sdxl,flux      some of them
-  python benchmarks/bench_checkpointing.py --smoke                 small latents, three models (a minute)
+  python benchmarks/bench_checkpointing.py --smoke                 small latents, three models (a few minutes)
+  python benchmarks/bench_checkpointing.py --full-size             SD1.5 at 512², SDXL and Flux.1 dev at 1024², bf16,
+                                                                   rank 64, counted on the meta device (a minute)
 
 Bytes: unique storages autograd saves for the backward pass (`tools/train_memory.py`), the model's weights and the
 trainable factors left out (held anyway). "kept" is what the forward leaves for the backward pass; "peak" the most
 held at once through the backward pass, where checkpointing recomputes one unit at a time. Step seconds include the
 counting hooks (Python per saved tensor): read them as a rough cost of the recomputation, not as training speed.
+`--full-size`: see `checkpointing_full_size.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import tiny_models as tm  # noqa: E402
 from tools import train_memory as tmem  # noqa: E402
 from tools.harness.inproc import import_pack  # noqa: E402
+from tools.harness.server import host_version  # noqa: E402
 
 RANK, MIN_RANK, TARGETS = 16, 1, "attention"
 # family -> latent side (the twin's own latent shape otherwise: channels, frames); UNets at 64x64, image DiTs at
@@ -125,23 +129,28 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help=f"comma-separated, of {', '.join([*FAMILY_SIDES, *DEEP])}")
     ap.add_argument("--side", type=int, help="latent side for every model")
     ap.add_argument("--smoke", action="store_true", help="three models at 16x16")
+    ap.add_argument("--full-size", action="store_true", help="full-size models on the meta device")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pack = import_pack()
     sides = dict(SMOKE) if args.smoke else {**FAMILY_SIDES, "sdxl_depths": 64, "flux_deep": 64}
+    if args.full_size:
+        from benchmarks import checkpointing_full_size as full
+
+        sides = dict.fromkeys(full.models(), 0)
     if args.models:
         sides = {m: sides.get(m, FAMILY_SIDES.get(m, 64)) for m in args.models.split(",")}
     rows = {}
     for name, side in sides.items():
         try:
-            rows[name] = measure(pack, name, args.side or side)
+            rows[name] = full.measure(pack, name) if args.full_size else measure(pack, name, args.side or side)
         except Exception as e:  # one model's failure is reported, the others still run
             rows[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(f"{name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
     out = {"bench": "checkpointing", "machine": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "rank": RANK, "targets": TARGETS,
-           "rows": rows}
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "comfyui": host_version(),
+           "rank": 64 if args.full_size else RANK, "targets": TARGETS, "rows": rows}
     print(json.dumps(out, indent=1))
     print(table(rows))
     return 0 if all("error" not in r for r in rows.values()) else 1

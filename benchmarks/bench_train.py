@@ -8,7 +8,8 @@ side by side in one run, on the same model, latent and conditioning. Prints one 
 Each trainer runs in its own process (peak memory is the process's): `steps` and `2 * steps` optimizer steps, the
 difference divided by `steps` (set-up, SVD init and model loading drop out). Targets: TrainLoraNode cannot choose,
 it adapts every weight of the model (linears, convolutions, norms, biases); Train T-LoRA runs with `all_linears`
-(every linear the pack maps), its closest setting, and with its default `attention`.
+(every linear the pack maps), its closest setting, and with its default `attention`. Every trainer checkpoints
+(TrainLoraNode's `gradient_checkpointing` input on); `--off-row` adds Train T-LoRA `attention` without it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from benchmarks.bench_step import SDXL_SPEC, SMOKE_SPEC, TINY_SPEC  # noqa: E402
 MODES = {"tiny": dict(spec=TINY_SPEC, device="cpu", dtype="float32", latent=32, rank=16, steps=8),
          "sdxl": dict(spec=SDXL_SPEC, device="cuda", dtype="bfloat16", latent=128, rank=64, steps=10)}
 TRAINERS = ("tlora_all_linears", "tlora_attention", "comfy_lora")
+OFF_ROW = "tlora_attention_no_checkpointing"
 
 
 def _model(comfy, spec, dev, dtype):
@@ -91,7 +93,7 @@ def worker(args) -> dict:
             if args.trainer.startswith("tlora"):
                 targets = "all_linears" if args.trainer == "tlora_all_linears" else "attention"
                 s = pack.engine.training.TrainSettings(steps=n, rank=rank, min_rank=1, targets=targets,
-                                                       gradient_checkpointing=True, seed=0)
+                                                       gradient_checkpointing=args.trainer != OFF_ROW, seed=0)
                 with torch.inference_mode():
                     res = pack.engine.training.train(patcher, [latent], [cond], s,
                                                      os.path.join(d, f"t{n}.safetensors"))
@@ -136,14 +138,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-shape", action="store_true")
     ap.add_argument("--device")
     ap.add_argument("--rank", type=int, help="override the mode's rank")
-    ap.add_argument("--trainer", choices=TRAINERS)
+    ap.add_argument("--trainer", choices=(*TRAINERS, OFF_ROW))
+    ap.add_argument("--off-row", action="store_true", help="also Train T-LoRA (attention) with checkpointing off")
     args = ap.parse_args(argv)
     args.mode = "sdxl" if args.sdxl else "tiny"
+    from tools.harness.server import host_version
+
     if args.trainer:
         print(json.dumps(worker(args)))
         return 0
     rows = {}
-    for trainer in TRAINERS:
+    for trainer in (*TRAINERS, *([OFF_ROW] if args.off_row else [])):
         cmd = [sys.executable, __file__, "--trainer", trainer, *(["--sdxl"] if args.sdxl else ["--tiny"]),
                *(["--tiny-shape"] if args.tiny_shape else []), *(["--device", args.device] if args.device else []),
                *(["--rank", str(args.rank)] if args.rank else [])]
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     lora = rows.get("comfy_lora", {})
     out = {"bench": "train", "mode": args.mode, "tiny_shape": args.tiny_shape, "machine": platform.processor() or
            platform.machine(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "torch": torch.__version__, "rows": rows}
+           "torch": torch.__version__, "comfyui": host_version(), "rows": rows}
     if "step_s" in lora:
         for r in rows.values():
             if "step_s" in r:

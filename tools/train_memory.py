@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,23 +18,22 @@ import torch
 
 class SavedBytes:
     """A `saved_tensors_hooks` pair that counts what autograd keeps: each saved tensor is held by a small object
-    whose lifetime is the saved slot's, so `now` follows the bytes alive and `peak` their maximum. With `copies` it
-    saves copies (what the training loop's `saved_copies` does for models that update activations in place), else
+    whose lifetime is the saved slot's, so `now` follows the bytes alive and `peak` their maximum. With `copies` (the
+    training loop's `copy_on_save`) it saves what `saved_copies` keeps for models that update activations in place;
     it refuses, as autograd does, a saved tensor changed in place before the backward pass used it."""
 
-    def __init__(self, exclude: set[int], copies: bool):
+    def __init__(self, exclude: set[int], copies: Callable[[torch.Tensor], torch.Tensor] | None):
         self.exclude, self.copies = exclude, copies
         self.live: dict[int, list[int]] = {}  # storage address -> [saved slots holding it, bytes]
         self.now = self.peak = 0
 
     def pack(self, t: torch.Tensor) -> Any:
-        if self.copies:
-            t = t.clone()
-        return _Held(self, t)
+        return _Held(self, t if self.copies is None else self.copies(t))
 
     @staticmethod
     def unpack(held: Any) -> torch.Tensor:
-        # hooks switch off autograd's own check that a saved tensor was not changed since: do it here
+        # hooks switch off autograd's own check that a saved tensor was not changed since: do it here (copies are
+        # only changed where they are the tensor itself: the weights, which nothing updates)
         if held.t._version != held.version:
             raise RuntimeError("a tensor saved for the backward pass was modified by an inplace operation")
         return held.t
@@ -47,8 +46,8 @@ class _Held:
     def __init__(self, meter: SavedBytes, t: torch.Tensor):
         self.meter, self.t, self.key, self.version = meter, t, None, t._version
         storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if not key or key in meter.exclude:
+        key = storage._cdata  # the storage itself (the meta device has no addresses)
+        if not storage.nbytes() or key in meter.exclude:
             return
         self.key = key
         slot = meter.live.setdefault(key, [0, storage.nbytes()])
@@ -101,7 +100,7 @@ def modules_for(pack, patcher, targets, rank: int, linear_alpha: float, seed: in
 def _held_anyway(dm: torch.nn.Module, modules: dict) -> set[int]:
     tensors = [*dm.parameters(), *dm.buffers(), *(p for m in modules.values() for p in m.parameters()),
                *(b for m in modules.values() for b in m.buffers())]
-    return {t.untyped_storage().data_ptr() for t in tensors}
+    return {t.untyped_storage()._cdata for t in tensors}
 
 
 @contextlib.contextmanager
@@ -125,11 +124,12 @@ def reruns(diffusion_model: torch.nn.Module) -> Iterator[dict[str, list[int]]]:
 
 
 def one_step(pack, patcher, targets, modules: dict, settings, x: torch.Tensor, sigma: torch.Tensor,
-             conds: dict[str, Any], G: torch.Tensor | None = None, options: dict | None = None) -> Step:
+             conds: dict[str, Any], G: torch.Tensor | None = None, options: dict | None = None,
+             forward: Callable | None = None) -> Step:
     """One training forward and backward through ComfyUI's `apply_model` with Train T-LoRA's patch (its slots, rank
     rule and, per `settings.gradient_checkpointing`, checkpointing), the loss <G, denoised>; `options`: more
-    `transformer_options`. Models that update activations in place are run again with saved copies, as the
-    training loop's probe does."""
+    `transformer_options`; `forward(patch)`: another forward (the meta device's, which has no sigma to read).
+    Models that update activations in place are run again with saved copies, as the training loop's probe does."""
     import comfy.patcher_extension
 
     tr = pack.engine.training
@@ -142,16 +142,17 @@ def one_step(pack, patcher, targets, modules: dict, settings, x: torch.Tensor, s
             with torch.inference_mode(False):
                 patch.load()
                 dm = patch.clone.model.diffusion_model
-                meter = SavedBytes(_held_anyway(dm, modules), copies)
+                meter = SavedBytes(_held_anyway(dm, modules), tr.checkpointing.copy_on_save if copies else None)
                 t0 = time.perf_counter()
                 try:
                     with reruns(dm) as counts, torch.enable_grad(), meter.hooks():
-                        out = patch.clone.model.apply_model(x, sigma, transformer_options={
-                            **(options or {}),
-                            "wrappers": comfy.patcher_extension.copy_nested_dicts(patch.clone.wrappers)}, **conds)
+                        out = forward(patch) if forward is not None else patch.clone.model.apply_model(
+                            x, sigma, transformer_options={**(options or {}), "wrappers":
+                                                           comfy.patcher_extension.copy_nested_dicts(
+                                                               patch.clone.wrappers)}, **conds)
                         forward_bytes = meter.now
                         if G is None:
-                            G = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+                            G = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.device)
                         (out.float() * G).sum().backward()
                         del out
                 except RuntimeError as e:
@@ -165,5 +166,5 @@ def one_step(pack, patcher, targets, modules: dict, settings, x: torch.Tensor, s
                  for k in ("q", "p", "lam") if getattr(m, k).grad is not None}
         return Step(forward_bytes, meter.peak, sum(1 for c in counts.values() if c[0]),
                     sum(1 for c in counts.values() if c[0] and c[1]), copies, seconds,
-                    patch.state.calls[-1]["rank"], grads)
+                    patch.state.calls[-1]["rank"] if patch.state.calls else [], grads)
     raise AssertionError("unreachable")

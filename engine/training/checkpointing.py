@@ -10,8 +10,11 @@ from typing import Any
 import torch
 
 
-def _copy_on_save(t: torch.Tensor) -> torch.Tensor:
-    return t.clone()
+def copy_on_save(t: torch.Tensor) -> torch.Tensor:
+    """What autograd keeps of a tensor it saves under `saved_copies`: a copy, except for the model's weights (and
+    views of them), which nothing updates in place: copying them would double the weights' memory."""
+    base = t if t._base is None else t._base
+    return t if isinstance(base, torch.nn.Parameter) else t.clone()
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -24,7 +27,7 @@ def saved_copies(on: bool = True):
     Costly (a copy of every saved activation), so the loop turns it on only for models that need it."""
     if not on:
         return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(_copy_on_save, _same)
+    return torch.autograd.graph.saved_tensors_hooks(copy_on_save, _same)
 
 
 INPLACE_ERROR = "modified by an inplace operation"

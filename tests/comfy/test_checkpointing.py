@@ -57,10 +57,10 @@ def _grad_error(off: tmem.Step, on: tmem.Step) -> float:
     return rel_l2(a, b)
 
 
-@pytest.mark.parametrize(("name", "size", "kept"), [("sd15", 16, 0.2), ("sdxl", 32, 0.2), ("flux", 32, 0.2)])
-def test_checkpointing_recomputes_the_model_and_keeps_far_less(pack, name, size, kept):
+@pytest.mark.parametrize(("name", "size"), [("sdxl", 24), ("flux", 32)])
+def test_checkpointing_recomputes_the_model_and_keeps_far_less(pack, name, size):
     """One training step with checkpointing off and on, at a latent where activations dominate: with it on, nearly
-    every layer of the model runs again in the backward pass and the forward leaves at most `kept` of the bytes
+    every layer of the model runs again in the backward pass and the forward leaves at most a fifth of the bytes
     autograd saves without it; the peak through the backward pass (one unit recomputed at a time) is lower too; the
     gradients are the same."""
     fam = FAMILIES[name]
@@ -72,7 +72,7 @@ def test_checkpointing_recomputes_the_model_and_keeps_far_less(pack, name, size,
           f"{off.peak_bytes / 2**20:.1f} -> {on.peak_bytes / 2**20:.1f} MiB, {on.rerun} of {on.layers} layers "
           f"recomputed, gradients {_grad_error(off, on):.1e}")
     assert off.rerun == 0 and on.rerun >= 0.6 * on.layers, (on.rerun, on.layers)
-    assert on.forward_bytes <= kept * off.forward_bytes, (on.forward_bytes, off.forward_bytes)
+    assert on.forward_bytes <= 0.2 * off.forward_bytes, (on.forward_bytes, off.forward_bytes)
     assert on.peak_bytes <= 0.8 * off.peak_bytes, (on.peak_bytes, off.peak_bytes)
     assert _grad_error(off, on) < 1e-6
 
@@ -81,8 +81,8 @@ def test_checkpointing_recomputes_the_model_and_keeps_far_less(pack, name, size,
 def test_every_family_trains_with_checkpointing_on(pack, name):
     """Every family the trainer has targets for runs a training step with checkpointing on (its default `attention`
     targets: units without a target are left to run as they are), recomputes layers in the backward pass, keeps
-    fewer bytes than without, and gets the gradients it gets without checkpointing (1e-6). A family without any
-    target is one the trainer refuses before any work."""
+    less than half the bytes it keeps without, and gets the gradients it gets without checkpointing (1e-6). A
+    family without any target is one the trainer refuses before any work."""
     fam = FAMILIES[name]
     twin = _twin(name)
     targets = pack.engine.train_targets.trainable_targets
@@ -94,7 +94,7 @@ def test_every_family_trains_with_checkpointing_on(pack, name):
     err = _grad_error(off, on)
     print(f"{name}: {on.rerun} of {on.layers} layers recomputed, saved {off.forward_bytes / 2**10:.0f} -> "
           f"{on.forward_bytes / 2**10:.0f} KiB, gradients {err:.1e}{', saved copies' if on.copies else ''}")
-    assert on.rerun > 0 and on.forward_bytes < off.forward_bytes, (on.rerun, on.forward_bytes, off.forward_bytes)
+    assert on.rerun > 0 and on.forward_bytes < 0.5 * off.forward_bytes, (on.rerun, on.forward_bytes, off.forward_bytes)
     assert err < 1e-6, err
 
 
@@ -117,3 +117,24 @@ def test_the_recomputation_sees_the_transformer_options_of_its_call(pack):
     off, on = _off_and_on(pack, twin, x, sigma_for(twin.patcher, 500, False), conds, options=options)
     assert seen == [True, False, True], seen  # without checkpointing; with it: the forward, the recomputation
     assert on.rerun > 0 and _grad_error(off, on) < 1e-6, _grad_error(off, on)
+
+
+def test_saved_copies_copy_activations_and_share_the_weights(pack):
+    """`saved_copies` (models that update activations in place) keeps copies of the activations autograd saves, but
+    the weights, which nothing updates in place, stay shared: copying them doubled their memory (Flux.1 dev at
+    1024² without checkpointing: 16 GiB more)."""
+    ck = pack.engine.training.checkpointing
+    weight = torch.nn.Parameter(torch.randn(4, 3), requires_grad=False)
+    x = torch.randn(2, 3)
+    assert ck.copy_on_save(weight) is weight
+    view = weight.t()
+    assert ck.copy_on_save(view) is view
+    copy = ck.copy_on_save(x)
+    assert torch.equal(copy, x) and copy.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    a = torch.randn(2, 3, requires_grad=True)
+    with torch.enable_grad(), ck.saved_copies():
+        h = a * 2
+        y = (h * h).sum() + torch.nn.functional.linear(h, weight).sum()
+        h.add_(1)  # an in-place update after h was saved: the copy keeps the value backward needs
+    y.backward()
+    assert torch.allclose(a.grad, 8 * a.detach() + 2 * weight.sum(0))
