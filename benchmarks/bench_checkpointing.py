@@ -1,6 +1,7 @@
 """What gradient checkpointing saves in Train T-LoRA, per model family: the bytes autograd keeps for one training step
-with it off and on, on the families' tiny twins (tools/families) at latents where activations dominate, and on two
-deeper layouts (SDXL's transformer depths; Flux with more blocks). Prints one JSON, then a markdown table.
+with it off and on, on the families' tiny twins (tools/families) at latents where activations dominate, and on three
+deeper layouts (SDXL's transformer depths; SD3.5 and Flux with more blocks). Prints one JSON on stdout and the
+markdown table on stderr.
 
   python benchmarks/bench_checkpointing.py                         every listed model (CPU, ~15 minutes on 2 cores)
   python benchmarks/bench_checkpointing.py --models sdxl,flux      some of them
@@ -34,11 +35,11 @@ from tools.harness.server import host_version  # noqa: E402
 
 RANK, MIN_RANK, TARGETS = 16, 1, "attention"
 # family -> latent side (the twin's own latent shape otherwise: channels, frames); UNets at 64x64, image DiTs at
-# 1024 tokens (2x2 patches), video at 3 latent frames of 32x32
-FAMILY_SIDES = {"sd15": 64, "sdxl": 64, "sd3": 64, "flux": 64, "flux2": 32, "auraflow": 64, "pixart_sigma": 64,
+# 1024 tokens (2x2 patches; the SD3 twin's position table stops at 16x16), video at 3 latent frames of 32x32
+FAMILY_SIDES = {"sd15": 64, "sdxl": 64, "sd3": 16, "flux": 64, "flux2": 32, "auraflow": 64, "pixart_sigma": 64,
                 "zimage": 64, "hidream": 64, "qwen_image": 64, "chroma": 64, "hunyuan_image21": 32, "wan21": 32,
                 "hunyuan_video": 32, "ltxv": 32}
-DEEP = ("sdxl_depths", "flux_deep")
+DEEP = ("sdxl_depths", "sd3_deep", "flux_deep")
 SMOKE = {"sd15": 16, "flux": 16, "sdxl_depths": 16}
 
 
@@ -68,6 +69,23 @@ def _sdxl_depths(pack, side: int):
     return "SDXL depths (2 / 10), 1/5 width", patcher, torch.randn(1, 4, side, side, generator=g), conds, sigma
 
 
+def _sd3_deep(pack, side: int):
+    """SD3.5's layout (dual attention in block 0) with 4 blocks, width 256, positions up to 64x64 latents."""
+    from diffusers import SD3Transformer2DModel
+
+    from tools.families.base import load_detected, seeded
+
+    twin = seeded(SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=4,
+                                        attention_head_dim=64, num_attention_heads=4, joint_attention_dim=32,
+                                        caption_projection_dim=256, pooled_projection_dim=32, pos_embed_max_size=32,
+                                        qk_norm="rms_norm", dual_attention_layers=(0,)), 0)
+    patcher = load_detected(twin.state_dict())
+    g = torch.Generator().manual_seed(1)
+    conds = {"c_crossattn": torch.randn(1, 77, 32, generator=g), "y": torch.randn(1, 32, generator=g)}
+    return "SD3.5 layout, 4 blocks, width 256", patcher, torch.randn(1, 16, side, side, generator=g), conds, \
+        torch.tensor([0.5])
+
+
 def _flux_deep(pack, side: int):
     """Flux.1's layout with 4 double and 8 single blocks, width 256."""
     from diffusers import FluxTransformer2DModel
@@ -89,6 +107,8 @@ def _flux_deep(pack, side: int):
 def measure(pack, name: str, side: int) -> dict:
     if name == "sdxl_depths":
         title, patcher, x, conds, sigma = _sdxl_depths(pack, side)
+    elif name == "sd3_deep":
+        title, patcher, x, conds, sigma = _sd3_deep(pack, side)
     elif name == "flux_deep":
         title, patcher, x, conds, sigma = _flux_deep(pack, side)
     else:
@@ -134,7 +154,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pack = import_pack()
-    sides = dict(SMOKE) if args.smoke else {**FAMILY_SIDES, "sdxl_depths": 64, "flux_deep": 64}
+    sides = dict(SMOKE) if args.smoke else {**FAMILY_SIDES, **dict.fromkeys(DEEP, 64)}
     if args.full_size:
         from benchmarks import checkpointing_full_size as full
 
@@ -152,7 +172,7 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "torch": torch.__version__, "comfyui": host_version(),
            "rank": 64 if args.full_size else RANK, "targets": TARGETS, "rows": rows}
     print(json.dumps(out, indent=1))
-    print(table(rows))
+    print(table(rows), file=sys.stderr)
     return 0 if all("error" not in r for r in rows.values()) else 1
 
 

@@ -129,7 +129,7 @@ def checkpoint_blocks(diffusion_model: torch.nn.Module, copies: Callable[[], boo
     for path, unit in checkpoint_units(diffusion_model):
         own = unit.__dict__.get("forward")
         orig = unit.forward
-        trains = any(t.startswith(f"{path}.") for t in targets)
+        trains = any(t == path or t.startswith(f"{path}.") for t in targets)
 
         def fwd(*args, _orig=orig, _trains=trains, **kwargs):
             if not torch.is_grad_enabled():
