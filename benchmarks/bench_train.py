@@ -5,18 +5,23 @@ side by side in one run, on the same model, latent and conditioning. Prints one 
   python benchmarks/bench_train.py --sdxl             CUDA: the SDXL UNet (bf16, 1024x1024: 128x128 latent), rank 64
   python benchmarks/bench_train.py --sdxl --tiny-shape --device cpu   the --sdxl code path in seconds (smoke test)
 
-Each trainer runs in its own process (peak memory is the process's): `steps` and `2 * steps` optimizer steps, the
-difference divided by `steps` (set-up, SVD init and model loading drop out). Targets: TrainLoraNode cannot choose,
-it adapts every weight of the model (linears, convolutions, norms, biases); Train T-LoRA runs with `all_linears`
-(every linear the pack maps), its closest setting, and with its default `attention`.
+Each trainer runs in its own process (peak memory is the process's), `2 * steps` optimizer steps, each step timed
+at its end (Train T-LoRA's progress callback, ComfyUI's progress bar hook for TrainLoraNode): `step_s` is the median
+of steps 2 to n (set-up, SVD init and model loading left out; robust to a shared machine's stalls), with the range.
+Targets: TrainLoraNode cannot choose, it adapts every weight of the model (linears, convolutions, norms, biases);
+Train T-LoRA runs with `all_linears` (every linear the pack maps), its closest setting, and with its default
+`attention`. Every trainer checkpoints (TrainLoraNode's `gradient_checkpointing` input on); `--off-row` adds Train
+T-LoRA `attention` without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +39,7 @@ from benchmarks.bench_step import SDXL_SPEC, SMOKE_SPEC, TINY_SPEC  # noqa: E402
 MODES = {"tiny": dict(spec=TINY_SPEC, device="cpu", dtype="float32", latent=32, rank=16, steps=8),
          "sdxl": dict(spec=SDXL_SPEC, device="cuda", dtype="bfloat16", latent=128, rank=64, steps=10)}
 TRAINERS = ("tlora_all_linears", "tlora_attention", "comfy_lora")
+OFF_ROW = "tlora_attention_no_checkpointing"
 
 
 def _model(comfy, spec, dev, dtype):
@@ -80,29 +86,33 @@ def worker(args) -> dict:
     spec = mode["spec"]
     cond = [[torch.randn(1, 77, spec.context_dim, generator=g), {"pooled_output": torch.randn(1, spec.pooled_dim,
                                                                                                 generator=g)}]]
-    rank, steps = args.rank or mode["rank"], mode["steps"]
-    times = []
+    rank, steps = args.rank or mode["rank"], 2 * mode["steps"]
+    stamps: list[float] = []
+
+    def stamp(*_args, **_kwargs):  # at the end of every optimizer step
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        stamps.append(time.perf_counter())
+
     with tempfile.TemporaryDirectory() as d:
         os.environ["TLORA_CACHE_DIR"] = os.path.join(d, "svd")
-        for n in (steps, 2 * steps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            if args.trainer.startswith("tlora"):
-                targets = "all_linears" if args.trainer == "tlora_all_linears" else "attention"
-                s = pack.engine.training.TrainSettings(steps=n, rank=rank, min_rank=1, targets=targets,
-                                                       gradient_checkpointing=True, seed=0)
-                with torch.inference_mode():
-                    res = pack.engine.training.train(patcher, [latent], [cond], s,
-                                                     os.path.join(d, f"t{n}.safetensors"))
-                modules = len(res.modules)
-            else:
-                modules = _comfy_lora(comfy, patcher, latent, cond, n, rank, dev)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-    return {"trainer": args.trainer, "step_s": (times[1] - times[0]) / steps, "peak_bytes": _peak(dev),
-            "adapted_modules": modules, "rank": rank, "runs_s": times}
+        t0 = time.perf_counter()
+        if args.trainer.startswith("tlora"):
+            targets = "all_linears" if args.trainer == "tlora_all_linears" else "attention"
+            s = pack.engine.training.TrainSettings(steps=steps, rank=rank, min_rank=1, targets=targets,
+                                                   gradient_checkpointing=args.trainer != OFF_ROW, seed=0)
+            with torch.inference_mode():
+                res = pack.engine.training.train(patcher, [latent], [cond], s, os.path.join(d, "t.safetensors"),
+                                                 progress=stamp)
+            modules = len(res.modules)
+        else:
+            comfy.utils.set_progress_bar_global_hook(stamp)
+            modules = _comfy_lora(comfy, patcher, latent, cond, steps, rank, dev)
+        run_s = time.perf_counter() - t0
+    each = [b - a for a, b in itertools.pairwise(stamps)]  # steps 2..n: set-up, SVD init and loading left out
+    return {"trainer": args.trainer, "step_s": statistics.median(each), "step_s_range": [min(each), max(each)],
+            "steps_timed": len(each), "peak_bytes": _peak(dev), "adapted_modules": modules, "rank": rank,
+            "run_s": run_s}
 
 
 def _comfy_lora(comfy, patcher, latent, cond, steps, rank, dev) -> int:
@@ -136,14 +146,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-shape", action="store_true")
     ap.add_argument("--device")
     ap.add_argument("--rank", type=int, help="override the mode's rank")
-    ap.add_argument("--trainer", choices=TRAINERS)
+    ap.add_argument("--trainer", choices=(*TRAINERS, OFF_ROW))
+    ap.add_argument("--off-row", action="store_true", help="also Train T-LoRA (attention) with checkpointing off")
     args = ap.parse_args(argv)
     args.mode = "sdxl" if args.sdxl else "tiny"
+    from tools.harness.server import host_version
+
     if args.trainer:
         print(json.dumps(worker(args)))
         return 0
     rows = {}
-    for trainer in TRAINERS:
+    for trainer in (*TRAINERS, *([OFF_ROW] if args.off_row else [])):
         cmd = [sys.executable, __file__, "--trainer", trainer, *(["--sdxl"] if args.sdxl else ["--tiny"]),
                *(["--tiny-shape"] if args.tiny_shape else []), *(["--device", args.device] if args.device else []),
                *(["--rank", str(args.rank)] if args.rank else [])]
@@ -155,7 +168,7 @@ def main(argv=None) -> int:
     lora = rows.get("comfy_lora", {})
     out = {"bench": "train", "mode": args.mode, "tiny_shape": args.tiny_shape, "machine": platform.processor() or
            platform.machine(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "torch": torch.__version__, "rows": rows}
+           "torch": torch.__version__, "comfyui": host_version(), "rows": rows}
     if "step_s" in lora:
         for r in rows.values():
             if "step_s" in r:

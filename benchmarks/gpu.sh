@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu.sh [OUTDIR]          SDXL per step (bf16, 1024², rank 64, 700 layers), Flux-scale per step
 #                                            (12B-shaped, bf16, 1024², rank 64), load at SDXL shape, where the time goes
 #                                            training step and peak memory (SDXL 1024², rank 64 and 32) against
-#                                            ComfyUI's TrainLoraNode, Dynamic VRAM on/off end to end on ComfyUI 0.33
+#                                            ComfyUI's TrainLoraNode (at rank 64 also Train T-LoRA without gradient
+#                                            checkpointing), Dynamic VRAM on/off end to end on ComfyUI 0.33
 #                                            (T-LoRA, scheduled LoRA and hook keyframes), scheduled LoRA per step
 #                                            (SDXL bf16 1024², rank 64) against the base, a static LoRA and hooks
 #   bash benchmarks/gpu.sh --smoke [OUTDIR]  the same code paths on the CPU at a tiny size (~4 minutes)
@@ -22,7 +23,7 @@ if [ "$smoke" = 1 ]; then
   flux=(--hidden 256 --double 1 --single 2 --latent 16 --rank 8 --steps 3 --rounds 1 --device cpu --dtype bfloat16)
   load=(--layers 8 --device cpu)
   prof=(--sdxl --tiny-shape --device cpu --repeats 1 --parts rank_cost,ops,designs)
-  train64=(--sdxl --tiny-shape --device cpu)
+  train64=(--sdxl --tiny-shape --device cpu --off-row)
   train32=(--sdxl --tiny-shape --device cpu --rank 4)
   dyn=(--cpu)
   sched=(--tiny-shape --steps 4 --repeats 1)
@@ -32,7 +33,7 @@ else
         --dtype bfloat16)
   load=(--device cuda)
   prof=(--sdxl --parts rank_cost,ops,designs)
-  train64=(--sdxl --rank 64)
+  train64=(--sdxl --rank 64 --off-row)
   train32=(--sdxl --rank 32)
   dyn=()
   sched=(--sdxl --steps 25 --repeats 2)

@@ -131,7 +131,8 @@ class TrainingPatch:
         for p, _ in self._frozen:
             p.requires_grad_(False)
         if self.s.gradient_checkpointing:
-            self._restore = checkpoint_blocks(self.clone.model.diffusion_model, lambda: self.copies)
+            paths = [path.removeprefix("diffusion_model.") for path, _ in self.slots]
+            self._restore = checkpoint_blocks(dm, lambda: self.copies, paths)
 
     def close(self) -> None:
         if getattr(self, "_in_training", None) is not None:
