@@ -62,8 +62,10 @@ def _inputs() -> list:
     return [
         io.Model.Input("model", tooltip="The diffusion model to customise (its weights stay untouched)."),
         io.Latent.Input("latents", tooltip="The training image(s), encoded with the model's VAE: one LATENT, a batch, "
-                                           "or a list (as ComfyUI's training dataset nodes make)."),
-        io.Conditioning.Input("positive", tooltip="The caption(s): one conditioning for all images, or one per image."),
+                                           "or a list (as ComfyUI's dataset nodes make), of any sizes: each size is "
+                                           "a bucket, every model call one size."),
+        io.Conditioning.Input("positive", tooltip="The caption(s): one conditioning for all images, one per image, or "
+                                                  "one entry per image in order (Resolution Bucket)."),
         io.String.Input("filename", default="tlora/my_tlora",
                         tooltip="Where to save the T-LoRA, inside models/loras (.safetensors is added)."),
         io.Combo.Input("preset", options=PRESET_NAMES, default=PRESET_NAMES[0],
