@@ -65,8 +65,8 @@ def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainS
                               "image with the same VAE")
     n = sum(t.shape[0] for t in latents)
     if caption_of_images(positive, n) is None:
-        raise TLoRAError(out, f"{len(positive)} conditionings ({sum(len(c) for c in positive)} entries) for {n} "
-                              "latents: give one conditioning, or one per latent")
+        raise TLoRAError(out, f"{len(positive)} conditionings for {n} latents ({sum(len(c) for c in positive)} "
+                              "entries): give one conditioning, or one per latent")
     if masks is not None:
         if len(masks) not in (1, n):
             raise TLoRAError(out, f"{len(masks)} masks for {n} latents: give one mask per training image, or one "
