@@ -118,7 +118,8 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     n = sum(t.shape[0] for t in latents)
     entries, cond_of = caption_of_images(positive, n) or ([], [])
     data = Data(latents, cond_of, (masks * n if len(masks) == 1 else masks) if masks is not None else None)
-    entries = [*entries, empty[0] if empty else empty_caption(entries[0])]  # the last: a dropped caption's
+    if s.caption_dropout > 0:  # the last entry: a dropped caption's (data.EMPTY)
+        entries = [*entries, empty[0] if empty else empty_caption(entries[0])]
     if len(data.buckets) > 1:
         log.info("Train T-LoRA: %d images in %d size buckets: %s", n, len(data.buckets),
                  ", ".join(f"{len(b.images)} at {'x'.join(map(str, b.latent.shape[2:]))}" for b in data.buckets))
