@@ -62,8 +62,10 @@ def _inputs() -> list:
     return [
         io.Model.Input("model", tooltip="The diffusion model to customise (its weights stay untouched)."),
         io.Latent.Input("latents", tooltip="The training image(s), encoded with the model's VAE: one LATENT, a batch, "
-                                           "or a list (as ComfyUI's training dataset nodes make)."),
-        io.Conditioning.Input("positive", tooltip="The caption(s): one conditioning for all images, or one per image."),
+                                           "or a list (as ComfyUI's dataset nodes make), of any sizes: each size is "
+                                           "a bucket, every model call one size."),
+        io.Conditioning.Input("positive", tooltip="The caption(s): one conditioning for all images, one per image, or "
+                                                  "one entry per image in order (Resolution Bucket)."),
         io.String.Input("filename", default="tlora/my_tlora",
                         tooltip="Where to save the T-LoRA, inside models/loras (.safetensors is added)."),
         io.Combo.Input("preset", options=PRESET_NAMES, default=PRESET_NAMES[0],
@@ -128,6 +130,16 @@ def _inputs() -> list:
                          tooltip="Also write <name>.standard.safetensors (and one beside each checkpoint): the "
                                  "T-LoRA as a rank-2R standard LoRA that LoraLoader and other tools apply at every "
                                  "rank (no schedule), and Load T-LoRA runs with its schedule."),
+        io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip="The probability that a sample trains with the empty caption (0.05-0.1 is common); "
+                               "keeps the model's unconditional prediction."),
+        io.Conditioning.Input("empty_caption", optional=True,
+                              tooltip="What a dropped caption trains with, e.g. the encoded empty prompt; not "
+                                      "connected: the captions zeroed (as ConditioningZeroOut does)."),
+        io.Mask.Input("masks", optional=True,
+                      tooltip="Loss masks, one per training image (or one for all), e.g. from a segmentation node: "
+                              "the loss counts each latent element by the mask's mean over its pixels (1 = train, "
+                              "0 = ignore)."),
     ]
 
 
@@ -156,6 +168,8 @@ class TLoRATrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
+        links = {k: widgets.pop(k, None) for k in ("empty_caption", "masks")}  # lists; None when not connected
+        links = {k: v for k, v in links.items() if v is not None and any(x is not None for x in v)}
         one = {k: v[0] if isinstance(v, list) else v for k, v in widgets.items()}
         resume, filename, overwrite = one.pop("resume_from"), one.pop("filename"), one.pop("overwrite")
         out = output_path(filename, folder_paths.get_folder_paths("loras")[0], overwrite, where="models/loras")
@@ -175,7 +189,8 @@ class TLoRATrain(io.ComfyNode):
 
         resume_path = folder_paths.get_full_path_or_raise("loras", resume) if resume != NONE else None
         result = train(model[0], tensors, positive, settings, out, resume_path, progress, progress_bar(),
-                       source_name=f"{type(model[0].model).__name__}")
+                       source_name=f"{type(model[0].model).__name__}", masks=links.get("masks"),
+                       empty=links["empty_caption"][0] if "empty_caption" in links else None)
         name = os.path.relpath(out, folder_paths.get_folder_paths("loras")[0])
         tl = read_file(out, False)
         trained, _ = apply_tlora(model[0], tl, Settings(1.0, settings.rank, settings.min_rank, settings.alpha,

@@ -36,6 +36,7 @@ from ..apply import compute_dtype
 from ..patcher import require_api
 from ..train_targets import LYCORIS_CLASSES, trainable_targets
 from .checkpointing import saved_copies
+from .data import Data, caption_of_images, empty_caption, mask_problem
 from .export import standard_names
 from .files import RunFiles
 from .loop import Loop, TrainSampler
@@ -50,20 +51,31 @@ __all__ = ["DTYPES", "KEY", "LOSS_SPACES", "OPTIMIZERS", "SAMPLINGS", "TrainResu
            "TrainableTLoRA", "TrainingPatch", "check_inputs", "deinference", "saved_copies", "train"]
 
 
-def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str) -> str:
+def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str,
+                 masks: list[torch.Tensor] | None = None) -> str:
     """Everything that can be refused before any work; returns the timestep rule's description."""
     problems = s.problems()
     if problems:
         raise TLoRAError(out, "; ".join(problems))
     if not latents:
         raise TLoRAError(out, "no latents to train on: connect the encoded training image(s)")
-    shapes = {tuple(t.shape[1:]) for t in latents}
-    if len(shapes) > 1:
-        raise TLoRAError(out, f"latents of different sizes {sorted(shapes)}: resize the training images to one size")
+    kinds = {tuple(t.shape[1:-2]) for t in latents}
+    if len(kinds) > 1:
+        raise TLoRAError(out, f"latents of different kinds {sorted(kinds)} (channels, frames): encode every training "
+                              "image with the same VAE")
     n = sum(t.shape[0] for t in latents)
-    if len(positive) not in (1, n):
-        raise TLoRAError(out, f"{len(positive)} conditionings for {n} latents: give one conditioning, or one per "
-                              "latent")
+    if caption_of_images(positive, n) is None:
+        raise TLoRAError(out, f"{len(positive)} conditionings for {n} latents ({sum(len(c) for c in positive)} "
+                              "entries): give one conditioning, or one per latent")
+    if masks is not None:
+        if len(masks) not in (1, n):
+            raise TLoRAError(out, f"{len(masks)} masks for {n} latents: give one mask per training image, or one "
+                                  "for all")
+        sizes = [tuple(t.shape[-2:]) for t in latents for _ in range(t.shape[0])]
+        for i, hw in enumerate(sizes):
+            problem = mask_problem(masks[i if len(masks) > 1 else 0], hw, i)
+            if problem:
+                raise TLoRAError(out, problem)
     require_api(patcher)
     try:
         return timesteps.resolve(s.timestep_mode, patcher.get_model_object("model_sampling"), patcher.model)[1]
@@ -73,13 +85,20 @@ def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainS
 
 def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str,
           resume: str | None = None, progress: Progress | None = None,
-          svd_progress: Callable[[int, int], None] | None = None, source_name: str = "") -> TrainResult:
-    """Train a T-LoRA on `patcher`'s model and write it to `out` (with its training state beside it). `positive`: one
-    conditioning (a list of [tensor, dict] entries, its first entry used) for all latents, or one per latent.
-    `resume`: a T-LoRA file to continue (checked against the settings; its state, when beside it, continues the
-    run exactly). An interrupt writes the last finished step as a checkpoint before it stops the run."""
+          svd_progress: Callable[[int, int], None] | None = None, source_name: str = "",
+          masks: list[torch.Tensor] | None = None, empty: list | None = None) -> TrainResult:
+    """Train a T-LoRA on `patcher`'s model and write it to `out` (with its training state beside it). `latents`: the
+    images' latents, any sizes (size buckets: each model call one size). `positive`: one conditioning (a list of
+    [tensor, dict] entries, its first entry used) for all latents, one per latent, or entries one per latent in
+    order (`data.caption_of_images`). `masks`: (H, W) pixel-space loss weights, one per image or one for all.
+    `empty`: the conditioning a dropped caption trains with (default: the first caption zeroed, as
+    ConditioningZeroOut does). `resume`: a T-LoRA file to continue (checked against the settings; its state, when
+    beside it, continues the run exactly). An interrupt writes the last finished step as a checkpoint before it
+    stops the run."""
     t0 = time.perf_counter()
-    how = check_inputs(patcher, latents, positive, s, out)
+    masks = [m.reshape(-1, *m.shape[-2:]) for m in masks] if masks is not None else None
+    masks = [r for m in masks for r in m] if masks is not None else None  # one (H, W) per image
+    how = check_inputs(patcher, latents, positive, s, out, masks)
     targets = trainable_targets(patcher.model, s.targets)
     if not targets:
         raise TLoRAError(out, f"no layer of this {type(patcher.model).__name__} model is known to the key maps "
@@ -96,15 +115,21 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
              len(modules), s.targets, model, s.rank, s.min_rank, s.alpha, s.steps,
              f", continuing {resumed.describe()}" if resumed else "", how)
 
-    latent = torch.cat(latents).float()
-    cond_of = [0] * latent.shape[0] if len(positive) == 1 else list(range(latent.shape[0]))
-    entries = [c[0] for c in positive]
+    n = sum(t.shape[0] for t in latents)
+    entries, cond_of = caption_of_images(positive, n) or ([], [])
+    data = Data(latents, cond_of, (masks * n if len(masks) == 1 else masks) if masks is not None else None)
+    if s.caption_dropout > 0:  # the last entry: a dropped caption's (data.EMPTY)
+        entries = [*entries, empty[0] if empty else empty_caption(entries[0])]
+    if len(data.buckets) > 1:
+        log.info("Train T-LoRA: %d images in %d size buckets: %s", n, len(data.buckets),
+                 ", ".join(f"{len(b.images)} at {'x'.join(map(str, b.latent.shape[2:]))}" for b in data.buckets))
     if s.guidance and (patcher.model.model_config.unet_config.get("guidance_embed")):
         entries = [[t, {**d, "guidance": s.guidance}] for t, d in entries]
 
     patch = TrainingPatch(patcher, targets, modules, s)
     config = lycoris_config(s.rank, s.linear_alpha or s.rank, s.min_rank, s.alpha, LYCORIS_CLASSES[s.targets])
-    facts = {"timesteps": how, "modules": len(modules), "images": int(latent.shape[0]), "model": model}
+    facts = {"timesteps": how, "modules": len(modules), "images": n, "model": model,
+             "buckets": ["x".join(map(str, b.latent.shape[2:])) for b in data.buckets]}
     loop: Loop | None = None
     files = RunFiles(out, modules, s, config, source_record(source_name, digests, storage, "Train T-LoRA"), facts,
                      resumed.steps if resumed else 0, resume, export_names,
@@ -121,7 +146,8 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
             guider.set_conds(entries)
             ms = patch.clone.get_model_object("model_sampling")
             sigmas = torch.tensor([float(ms.sigma_max), 0.0])  # each call then passes its own (Loop.micro_batch)
-            guider.sample(torch.zeros_like(latent), latent, TrainSampler(loop, cond_of), sigmas, seed=s.seed)
+            latent = data.buckets[0].latent  # what the guider prepares for; the loop draws from every bucket
+            guider.sample(torch.zeros_like(latent), latent, TrainSampler(loop, data), sigmas, seed=s.seed)
     except comfy.model_management.InterruptProcessingException:
         saved = _save_interrupted(loop)
         log.warning("Train T-LoRA interrupted after %d of %d steps: no final file written%s", loop.done, s.steps,

@@ -16,6 +16,7 @@ from ...tlora_core.training import LOGIT_NORMAL, UNIFORM, TrainableTLoRA, draw_d
 from .. import timesteps
 from . import state as run_state
 from .checkpointing import INPLACE_ERROR, saved_copies
+from .data import Data
 from .patch import TrainingPatch
 from .resume import Resumed
 from .settings import Progress, TrainSettings
@@ -120,7 +121,7 @@ class Loop:
             self.drawn += timesteps.rule(self.s.timestep_mode, ms)(sigma)
         return sigma
 
-    def probe(self, model_wrap, extra_args, ms, cond, latent: torch.Tensor) -> None:
+    def probe(self, model_wrap, extra_args, ms, cond, latent: torch.Tensor, weight: torch.Tensor | None) -> None:
         """One forward and backward with a sample of its own (the training draws are not touched, nothing is kept):
         does this model need `saved_copies`? Models that update activations in place fail without them."""
         g = torch.Generator().manual_seed(self.s.seed + 1)
@@ -128,7 +129,7 @@ class Loop:
         sigma = self.draw_sigmas(ms, 1, g)
         calls = len(self.state.calls)
         try:
-            self.micro_batch(model_wrap, extra_args, ms, cond, latent[:1], noise, sigma)
+            self.micro_batch(model_wrap, extra_args, ms, cond, latent[:1], noise, sigma, weight)
         except RuntimeError as e:
             if INPLACE_ERROR not in str(e):
                 raise
@@ -138,22 +139,30 @@ class Loop:
             del self.state.calls[calls:]
             self.opt.zero_grad(set_to_none=True)
 
-    def run(self, model_wrap, extra_args, latent: torch.Tensor, cond_of: list[int]) -> None:
+    def run(self, model_wrap, extra_args, data: Data) -> None:
+        """The steps: each micro-batch from one size bucket, one model call per caption in it."""
         ms = model_wrap.inner_model.model_sampling
-        conds = model_wrap.conds["positive"]
-        s, n_images = self.s, latent.shape[0]
-        self.probe(model_wrap, extra_args, ms, conds[cond_of[0]], latent)
+        conds = model_wrap.conds["positive"]  # the captions, then the empty caption (EMPTY = -1)
+        latents = data.processed(model_wrap.inner_model.process_latent_in, self.device)
+        weights = [b.weight.to(self.device).clone() if b.weight is not None else None for b in data.buckets]
+        s = self.s
+        first = weights[0][:1] if weights[0] is not None else None
+        self.probe(model_wrap, extra_args, ms, conds[data.cond_of[data.buckets[0].images[0]]], latents[0], first)
         for step in range(s.steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
             step_losses = []
             for _ in range(s.grad_accumulation):
-                idx = torch.randint(0, n_images, (s.batch_size,), generator=self.generator)
-                noise = torch.randn((s.batch_size, *latent.shape[1:]), generator=self.generator)
+                b, idx = data.draw(self.generator, s.batch_size)
+                noise = torch.randn((s.batch_size, *latents[b].shape[1:]), generator=self.generator)
                 sigma = self.draw_sigmas(ms, s.batch_size)
-                for ci in sorted({cond_of[int(i)] for i in idx}):  # one conditioning per model call
-                    sel = torch.tensor([j for j, i in enumerate(idx.tolist()) if cond_of[i] == ci])
-                    step_losses += self.micro_batch(model_wrap, extra_args, ms, conds[ci], latent[idx[sel]],
-                                                    noise[sel], sigma[sel])
+                caps = data.captions(b, idx, self.generator, s.caption_dropout)
+                for ci in sorted(set(caps)):  # one conditioning per model call
+                    sel = torch.tensor([j for j, c in enumerate(caps) if c == ci])
+                    w = weights[b][idx[sel]] if weights[b] is not None else None
+                    step_losses += self.micro_batch(model_wrap, extra_args, ms, conds[ci], latents[b][idx[sel]],
+                                                    noise[sel], sigma[sel], w)
+                    self.state.calls[-1].update(images=[data.buckets[b].images[int(i)] for i in idx[sel]],
+                                                caption=ci)
             finite = self.scaler.unscale(self.params)  # gradients in true units, before clipping
             if finite:
                 if s.max_grad_norm > 0:
@@ -171,7 +180,9 @@ class Loop:
             if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
                 self.checkpoint()
 
-    def micro_batch(self, model_wrap, extra_args, ms, cond, x0, noise, sigma) -> list[float]:
+    def micro_batch(self, model_wrap, extra_args, ms, cond, x0, noise, sigma, weight=None) -> list[float]:
+        """One model call and its backward pass. `weight` (the masks, broadcast over channels): each sample's loss is
+        the weighted mean of its squared error (sum of weight * error over the sum of weight)."""
         device = self.device
         x0, noise, sigma = x0.to(device), noise.to(device, x0.dtype), sigma.to(device)
         xt = ms.noise_scaling(sigma, noise, x0)
@@ -183,7 +194,12 @@ class Loop:
                 denoised = model_wrap(xt, sigma, **extra_args)
                 if len(self.state.calls) != calls + 1:
                     raise RuntimeError(f"Train T-LoRA: {len(self.state.calls) - calls} model calls for one batch")
-                err = (denoised.float() - x0.float()).square().flatten(1).mean(1)
+                sq = (denoised.float() - x0.float()).square()
+                if weight is None:
+                    err = sq.flatten(1).mean(1)
+                else:
+                    w = weight.to(device, torch.float32).expand_as(sq)
+                    err = (sq * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
                 if self.s.loss_space == "prediction":
                     ones = torch.ones_like(x0[:, :1, ...])
                     c_out = ms.calculate_denoised(sigma, ones, torch.zeros_like(ones))
@@ -199,10 +215,10 @@ class TrainSampler(comfy.samplers.Sampler):
     """Runs the training loop where a sampler would sample (ComfyUI's guider has loaded the model and processed
     the conditioning)."""
 
-    def __init__(self, loop: Loop, cond_of: list[int]):
-        self.loop, self.cond_of = loop, cond_of
+    def __init__(self, loop: Loop, data: Data):
+        self.loop, self.data = loop, data
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        self.loop.run(model_wrap, extra_args, latent_image, self.cond_of)
+        self.loop.run(model_wrap, extra_args, self.data)
         return torch.zeros_like(latent_image)

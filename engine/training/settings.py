@@ -43,6 +43,7 @@ class TrainSettings:
     save_every: int = 0
     guidance: float = 1.0
     export_standard: bool = False  # also write the rank-2R standard LoRA beside the file and each checkpoint
+    caption_dropout: float = 0.0  # the probability that a sample trains with the empty caption
 
     def problems(self) -> list[str]:
         out = []
@@ -53,7 +54,8 @@ class TrainSettings:
         for name, ok in (("steps", self.steps >= 1), ("learning_rate", 0 < self.learning_rate < 10),
                          ("batch_size", self.batch_size >= 1), ("grad_accumulation", self.grad_accumulation >= 1),
                          ("linear_alpha", self.linear_alpha >= 0), ("max_grad_norm", self.max_grad_norm >= 0),
-                         ("save_every", self.save_every >= 0), ("guidance", math.isfinite(self.guidance))):
+                         ("save_every", self.save_every >= 0), ("guidance", math.isfinite(self.guidance)),
+                         ("caption_dropout", 0 <= self.caption_dropout <= 1)):
             if not ok:
                 out.append(f"{name} {getattr(self, name)!r} is out of range")
         for name, allowed in (("targets", PRESETS), ("optimizer", OPTIMIZERS), ("timestep_sampling", SAMPLINGS),

@@ -404,7 +404,7 @@ def test_resume_continues_from_a_file(pack, trained, tmp_path):
 
 
 @pytest.mark.parametrize(("case", "says"), [
-    ("no_latents", "no latents"), ("sizes", "different sizes"), ("conds", "conditionings for"),
+    ("no_latents", "no latents"), ("kinds", "different kinds"), ("conds", "conditionings for"),
     ("rank", "min_rank"), ("steps", "steps"), ("targets", "targets must be one of"),
     ("sampling", "this model samples with"),
 ])
@@ -417,8 +417,8 @@ def test_bad_inputs_are_refused_before_any_work(pack, trained, tmp_path, case, s
     latents, conds, patcher = [latent], positive, twin.patcher
     if case == "no_latents":
         latents = []
-    elif case == "sizes":
-        latents = [latent, torch.zeros(1, latent.shape[1], 4, 4)]
+    elif case == "kinds":  # sizes may differ (size buckets), channels may not
+        latents = [latent, torch.zeros(1, latent.shape[1] + 1, 4, 4)]
     elif case == "conds":
         latents, conds = [latent, latent, latent], positive * 2
     elif case == "rank":

@@ -4,6 +4,8 @@ The tiny test models have no text encoder worth loading; this node gives them a 
 tensor of the right shape, deterministic from a seed.
 """
 
+import zlib
+
 import torch
 
 
@@ -21,10 +23,13 @@ class TLoRADevConditioning:
             "context_dim": ("INT", {"default": 768, "min": 1, "max": 8192, "tooltip": "Width of each token."}),
             "pooled_dim": ("INT", {"default": 0, "min": 0, "max": 8192,
                                    "tooltip": "Width of the pooled vector (SDXL 1280, Flux 768), 0 for none."}),
+        }, "optional": {
+            "text": ("STRING", {"forceInput": True,
+                                "tooltip": "A caption: its CRC32 is added to the seed (one conditioning per text)."}),
         }}
 
-    def make(self, seed, tokens, context_dim, pooled_dim):
-        g = torch.Generator().manual_seed(seed)
+    def make(self, seed, tokens, context_dim, pooled_dim, text=None):
+        g = torch.Generator().manual_seed((seed + (zlib.crc32(text.encode()) if text else 0)) % 2**63)
         cond = torch.randn(1, tokens, context_dim, generator=g)
         extra = {}
         if pooled_dim:
