@@ -20,6 +20,7 @@ scaling (`tlora_core.loss_scale`); an interrupt keeps the last finished step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ import torch
 
 from ...tlora_core import TLoRAError
 from ...tlora_core.embed import source_record
+from ...tlora_core.random_init import INITS, PAPER, PRINCIPAL, RANDOM_BASE
 from ...tlora_core.training import TrainableTLoRA, lycoris_config
 from .. import timesteps
 from ..apply import compute_dtype
@@ -40,14 +42,16 @@ from .export import standard_names
 from .files import RunFiles
 from .loop import Loop, TrainSampler
 from .modules import init_modules
+from .optim import OPTIMIZERS, OPTIONAL, SCHEDULES, MissingOptimizer, optional_class, to_eval
 from .patch import KEY, TrainingPatch, TrainSlot, deinference
 from .resume import resume_modules
-from .settings import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, Progress, TrainResult, TrainSettings
+from .settings import DTYPES, LOSS_SPACES, SAMPLINGS, Progress, TrainResult, TrainSettings
 
 log = logging.getLogger("tlora.train")
 
-__all__ = ["DTYPES", "KEY", "LOSS_SPACES", "OPTIMIZERS", "SAMPLINGS", "TrainResult", "TrainSettings", "TrainSlot",
-           "TrainableTLoRA", "TrainingPatch", "check_inputs", "deinference", "saved_copies", "train"]
+__all__ = ["DTYPES", "INITS", "KEY", "LOSS_SPACES", "OPTIMIZERS", "PAPER", "PRINCIPAL", "SAMPLINGS", "SCHEDULES",
+           "TrainResult", "TrainSettings", "TrainSlot", "TrainableTLoRA", "TrainingPatch", "check_inputs",
+           "deinference", "saved_copies", "train"]
 
 
 def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str) -> str:
@@ -55,6 +59,11 @@ def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainS
     problems = s.problems()
     if problems:
         raise TLoRAError(out, "; ".join(problems))
+    if s.optimizer in OPTIONAL:
+        try:
+            optional_class(s.optimizer)
+        except MissingOptimizer as e:
+            raise TLoRAError(out, str(e)) from None
     if not latents:
         raise TLoRAError(out, "no latents to train on: connect the encoded training image(s)")
     shapes = {tuple(t.shape[1:]) for t in latents}
@@ -80,6 +89,10 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     run exactly). An interrupt writes the last finished step as a checkpoint before it stops the run."""
     t0 = time.perf_counter()
     how = check_inputs(patcher, latents, positive, s, out)
+    if s.init == PAPER and not s.store_base:
+        log.warning("Train T-LoRA: store_base switched on: a file trained from the paper's random init always stores "
+                    "its base (it cannot be rebuilt from the model's weights)")
+        s = dataclasses.replace(s, store_base=True)
     targets = trainable_targets(patcher.model, s.targets)
     if not targets:
         raise TLoRAError(out, f"no layer of this {type(patcher.model).__name__} model is known to the key maps "
@@ -92,9 +105,10 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     with torch.inference_mode(False):
         for m in modules.values():
             m.to(device)
-    log.info("Train T-LoRA: %d modules (%s) on %s, rank %d, min_rank %d, alpha %g, %d steps%s; timesteps: %s",
-             len(modules), s.targets, model, s.rank, s.min_rank, s.alpha, s.steps,
-             f", continuing {resumed.describe()}" if resumed else "", how)
+    log.info("Train T-LoRA: %d modules (%s) on %s, rank %d, min_rank %d, alpha %g, %d steps%s; init %s; %s, lr %g "
+             "%s (warm-up %d); timesteps: %s", len(modules), s.targets, model, s.rank, s.min_rank, s.alpha, s.steps,
+             f", continuing {resumed.describe()}" if resumed else "", s.init, s.optimizer, s.learning_rate,
+             s.lr_schedule, s.warmup_steps, how)
 
     latent = torch.cat(latents).float()
     cond_of = [0] * latent.shape[0] if len(positive) == 1 else list(range(latent.shape[0]))
@@ -106,7 +120,10 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     config = lycoris_config(s.rank, s.linear_alpha or s.rank, s.min_rank, s.alpha, LYCORIS_CLASSES[s.targets])
     facts = {"timesteps": how, "modules": len(modules), "images": int(latent.shape[0]), "model": model}
     loop: Loop | None = None
-    files = RunFiles(out, modules, s, config, source_record(source_name, digests, storage, "Train T-LoRA"), facts,
+    source = source_record(source_name, digests, storage, "Train T-LoRA")
+    if s.init == PAPER:
+        source["base_init"] = RANDOM_BASE
+    files = RunFiles(out, modules, s, config, source, facts,
                      resumed.steps if resumed else 0, resume, export_names,
                      live=lambda: {"skipped_steps": loop.scaler.skipped, "loss_scaling": loop.scaler.enabled}
                      if loop else {})
@@ -130,13 +147,14 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
         raise
     finally:
         patch.close()
+    to_eval(loop.opt)  # the factors a file stores and the run returns (schedule-free AdamW: its eval-mode ones)
     files.final(s.steps, loop.run_state())
     skipped = f", {loop.scaler.skipped} steps skipped by fp16 loss scaling" if loop.scaler.enabled else ""
     log.info("Train T-LoRA: wrote %s (%d modules, %d steps, loss %.4g -> %.4g%s)", out, len(modules),
              loop.steps_before + s.steps, loop.losses[0], loop.losses[-1], skipped)
     return TrainResult(out, loop.losses, modules, patch.state.calls, loop.checkpoints, time.perf_counter() - t0,
                        loop.drawn, loop.steps_before + s.steps, loop.scaler.skipped, loop.scaler.enabled,
-                       resumed.describe() if resumed else "")
+                       resumed.describe() if resumed else "", loop.lrs)
 
 
 def _save_interrupted(loop: Loop) -> str | None:
