@@ -125,7 +125,8 @@ def test_resume_records_and_checks_the_init(pack, sd15, paper, tmp_path):
     with pytest.raises(pack.tlora_core.TLoRAError) as e:
         _train(pack, sd15, _settings(pack, steps=1, init=principal), tmp_path / "never.safetensors", resume=ckpt)
     assert f"init '{pack.engine.training.PAPER}' (this run: '{principal}')" in str(e.value), str(e.value)
-    plain = _train(pack, sd15, _settings(pack, steps=1, init=principal, store_base=False), tmp_path / "plain.safetensors")
+    plain = _train(pack, sd15, _settings(pack, steps=1, init=principal, store_base=False),
+                   tmp_path / "plain.safetensors")
     assert pack.tlora_core.load_tlora(plain.path).needs_svd_base
     with pytest.raises(pack.tlora_core.TLoRAError) as e:
         _train(pack, sd15, _settings(pack, steps=1), tmp_path / "never.safetensors", resume=plain.path)
