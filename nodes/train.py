@@ -181,12 +181,12 @@ class TLoRATrain(io.ComfyNode):
             text += f", fp16 loss scaling: {result.skipped} steps skipped"
         if result.resumed:
             text += f"; continued {result.resumed}"
-        if departs:
-            text += f"\ndeparts from preset '{settings.preset}': {describe(departs)}"
         if settings.init == PAPER and not settings.store_base:
             text += "; base stored (store_base off is overridden: the paper's random init cannot be rebuilt)"
         if settings.export_standard:
             text += f"; standard LoRA (every rank): {standard_path(name)}"
+        if departs:
+            text += f"\ndeparts from preset '{settings.preset}': {describe(departs)}"
         return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
 
 

@@ -100,7 +100,7 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     export_names = standard_names(patcher.model, targets, out) if s.export_standard else None
     model = type(patcher.model).__name__
     device = comfy.model_management.get_torch_device()
-    modules, digests, storage = init_modules(patcher, targets, s, out, device, svd_progress)
+    modules, digests, storage = init_modules(patcher, targets, s, out, device, svd_progress, resuming=bool(resume))
     resumed = resume_modules(modules, resume, s, model) if resume else None
     with torch.inference_mode(False):
         for m in modules.values():

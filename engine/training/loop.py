@@ -67,7 +67,7 @@ class Loop:
         if st.optimizer == type(self.opt).__name__:
             run_state.restore_optimizer(self.opt, self.names, st)
             for g in self.opt.param_groups:  # this run's decay (its learning rate is set at each step, from the
-                if "weight_decay" in g and self.s.optimizer != "Adam":  # step's position in the whole run)
+                if self.s.optimizer not in ("Adam", "SGD"):  # step's position in the whole run)
                     g["weight_decay"] = self.s.weight_decay
             to_train(self.opt)  # schedule-free AdamW: its state was saved with the eval-mode parameters
         else:

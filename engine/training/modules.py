@@ -22,16 +22,22 @@ from .settings import TrainSettings
 
 
 def init_modules(patcher, targets: list[TrainTarget], s: TrainSettings, out: str, device,
-                  progress: Callable[[int, int], None] | None) -> tuple[dict[str, TrainableTLoRA], dict[str, str], set]:
+                  progress: Callable[[int, int], None] | None, resuming: bool = False
+                  ) -> tuple[dict[str, TrainableTLoRA], dict[str, str], set]:
     """Every target's module: with `s.init` the paper's, its random last components (seeded per module); else the
     principal SVD of the weight the layer computes with (dequantized; row slice and order as the trainer sees the
-    module), through the SVD cache the loader shares. Plus the weights' digests (the checkpoint trained against)."""
+    module), through the SVD cache the loader shares. Plus the weights' digests (the checkpoint trained against).
+    `resuming` with the paper's init: zeros of the modules' shapes, which the resumed file's modules replace (a file
+    without a stored base is refused under that init), so no SVD is spent on them."""
     layer_targets = [LayerTarget(t.path, t.key, shape_only(t, s.rank), t.out_slice, t.reorder) for t in targets]
     try:
         weights = {t.key: layer_weight(patcher, t.key) for t in layer_targets}
     except UnreadableWeight as e:
         raise TLoRAError(out, str(e)) from None
-    if s.init == PAPER:
+    if s.init == PAPER and resuming:  # the file's factors and stored base replace them all (`resume.py`)
+        triplets = {t.name: (torch.zeros(t.out_features, s.rank), torch.zeros(s.rank),
+                             torch.zeros(t.in_features, s.rank)) for t in targets}
+    elif s.init == PAPER:
         triplets = random_triplets(targets, s, out, progress)
     else:
         jobs = bases.jobs(patcher.model, layer_targets, weights, device)

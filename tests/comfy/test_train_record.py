@@ -109,7 +109,8 @@ def _node_inputs(pack, **values) -> dict:
 def test_the_node_trains_the_values_it_is_sent_under_a_preset(pack, tmp_path, monkeypatch, caplog):
     """Preset 'paper, single image' (800 steps, rank 64, min_rank 32, lr 1e-4) sent with steps 2, rank 4, min_rank 2
     and lr 1e-3: the file has rank 4 modules, the record says 2 steps and names the preset and each departure with
-    the reason it matters under the paper's recipe, and so do the log and the text under the node."""
+    the reason it matters under the paper's recipe, and so do the log and the text under the node; store_base off is
+    overridden under the paper's random init, and the node says so."""
     import folder_paths
 
     fam = FAMILIES["sd15"]
@@ -119,7 +120,7 @@ def test_the_node_trains_the_values_it_is_sent_under_a_preset(pack, tmp_path, mo
     folder.mkdir()
     x, _ = fam.inputs(twin, torch.Generator().manual_seed(2))
     sent = {"preset": "paper, single image", "steps": 2, "rank": 4, "min_rank": 2, "learning_rate": 1e-3,
-            "filename": "preset/sent", "gradient_checkpointing": False}
+            "filename": "preset/sent", "gradient_checkpointing": False, "store_base": False}
     assert pack.nodes.train.PRESET_VALUES[sent["preset"]]["steps"] == 800
     real_train = pack.nodes.train.train
 
@@ -152,6 +153,8 @@ def test_the_node_trains_the_values_it_is_sent_under_a_preset(pack, tmp_path, mo
     assert "rank 4 (preset 64: the paper's SDXL rank is 64)" in said, said
     first, second = res.ui["text"][0].split("\n")
     assert first.startswith("preset/sent.safetensors: 2 steps"), first
+    assert "; base stored (store_base off is overridden: the paper's random init cannot be rebuilt)" in first, first
+    assert record["init"] == "random, last components (paper)" and record["store_base"] is True, record
     assert second.startswith("departs from preset 'paper, single image': rank 4 (preset 64: ") and \
         "; min_rank 2 (preset 32: the paper's min_rank is half the rank; this is 50%); learning_rate 0.001" in second
 
