@@ -23,6 +23,7 @@ import torch
 from ..tlora_core import TLoRA, TLoRAError, diagnostics
 from ..tlora_core.adapter import ModuleAdapter
 from ..tlora_core.lru import LockedLRU
+from ..tlora_core.random_init import RANDOM_BASE
 from ..tlora_core.svd import BaseJob, SVDCache, Triplets, compute_base_triplets, default_workers
 from ..tlora_core.writers import PACK_WRITERS
 from .plan import LayerTarget
@@ -161,7 +162,11 @@ def _rebuild(model: torch.nn.Module, tl: TLoRA, targets: list[LayerTarget], weig
 
 
 def _fit_check(tl: TLoRA, targets: list[LayerTarget], weights: dict[str, LayerWeight]) -> list[Note]:
-    """A self-contained file's stored base against the loaded checkpoint, on a spread of layers."""
+    """A self-contained file's stored base against the loaded checkpoint, on a spread of layers. A random base (the
+    paper's init, recorded as `base_init` by Train T-LoRA) is no weight's SVD: nothing to check."""
+    if tl.writer.id in PACK_WRITERS and (tl.stored_base or {}).get("base_init") == RANDOM_BASE:
+        return [(logging.INFO, f"T-LoRA {os.path.basename(tl.path)}: stored base (random, the paper's init; not "
+                               "built from the checkpoint's weights)")]
     step = max(1, len(targets) // FIT_LAYERS)
     figures = [diagnostics.base_fit(t.adapter, with_rows(t, weights[t.key].dequantized("cpu")))
                for t in targets[::step][:FIT_LAYERS]]

@@ -11,7 +11,8 @@ import { scheduleRanks } from "./tlora_schedule.js";
 const NODE = "TLoRATrain";
 const CUSTOM = "custom";
 // the widgets a preset sets (the server's PRESET_VALUES keys)
-const PRESET_WIDGETS = ["steps", "learning_rate", "rank", "min_rank", "alpha", "linear_alpha", "targets"];
+const PRESET_WIDGETS = ["steps", "learning_rate", "rank", "min_rank", "alpha", "linear_alpha", "targets", "init",
+  "optimizer", "lr_schedule"];
 let presets = null;
 
 async function loadPresets() {

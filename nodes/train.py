@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -13,39 +12,21 @@ from comfy_api.v0_0_2 import io
 
 from ..engine import Settings, apply_tlora, output_path, read_file
 from ..engine.timesteps import AUTO, MODES
-from ..engine.train_targets import ATTENTION, ATTENTION_FF, PRESETS
-from ..engine.training import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, TrainSettings, train
+from ..engine.train_targets import ATTENTION, PRESETS
+from ..engine.training import DTYPES, INITS, LOSS_SPACES, OPTIMIZERS, PAPER, SAMPLINGS, SCHEDULES, TrainSettings, train
 from ..tlora_core.export import standard_path
 from .common import progress_bar
+from .train_recipe import CUSTOM, PRESET_NAMES, PRESET_VALUES, departures, describe
 
 log = logging.getLogger("tlora.train")
+__all__ = ["PRESET_NAMES", "PRESET_VALUES", "NodeTrainSettings", "TLoRATrain", "preset_departures"]
 
-CUSTOM = "custom"
-# Recipes a user picks from: choosing one in the editor writes its values into these widgets; what trains is always
-# the widgets' values (a value edited after choosing turns the preset to "custom" there)
-PRESET_VALUES = {
-    # ControlGenAI/T-LoRA's single-image SDXL recipe (the paper): rank 64, min_rank 32, scale 1, attention
-    "paper, single image": {"rank": 64, "min_rank": 32, "alpha": 1.0, "linear_alpha": 0.0, "learning_rate": 1e-4,
-                            "steps": 800, "targets": ATTENTION},
-    # SimpleTuner's LyCORIS defaults with T-LoRA: linear_dim 64, linear_alpha 32, tlora_min_rank 1, attention + FF
-    "SimpleTuner": {"rank": 64, "min_rank": 1, "alpha": 1.0, "linear_alpha": 32.0, "learning_rate": 1e-4,
-                    "steps": 800, "targets": ATTENTION_FF},
-}
-PRESET_NAMES = [*PRESET_VALUES, CUSTOM]
 NONE = "none"
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
-    return a == b
-
-
 def preset_departures(preset: str, values: dict) -> dict[str, dict]:
-    """The values that differ from the named preset's: {name: {"preset": the preset's value, "trained": the value
-    given}}; none for "custom"."""
-    named = PRESET_VALUES.get(preset, {})
-    return {k: {"preset": v, "trained": values[k]} for k, v in named.items() if not _same(values[k], v)}
+    """The values that depart from the named preset's source recipe, each with its reason (`train_recipe`)."""
+    return departures(preset, values)
 
 
 @dataclass(frozen=True)
@@ -70,10 +51,12 @@ def _inputs() -> list:
                         tooltip="Where to save the T-LoRA, inside models/loras (.safetensors is added)."),
         io.Combo.Input("preset", options=PRESET_NAMES, default=PRESET_NAMES[0],
                        tooltip="A recipe: 'paper, single image' (rank 64, min_rank 32, schedule exponent 1, LyCORIS "
-                               "alpha 0 = scale 1, attention, lr 1e-4, 800 steps), 'SimpleTuner' (rank 64, min_rank "
-                               "1, LyCORIS alpha 32, attention + feed-forward). Choosing one writes its values into "
-                               "steps, learning_rate, rank, min_rank, alpha, linear_alpha and targets; editing one of "
-                               "those turns this to 'custom'. What trains is always the widgets' values."),
+                               "alpha 0 = scale 1, attention, AdamW at a constant lr 1e-4, 800 steps, the paper's "
+                               "random init), 'SimpleTuner' (rank 64, min_rank 1, LyCORIS alpha 32, attention + "
+                               "feed-forward, principal init). Choosing one writes its values into steps, "
+                               "learning_rate, rank, min_rank, alpha, linear_alpha, targets, init, optimizer and "
+                               "lr_schedule; editing one of those turns this to 'custom'. What trains is always the "
+                               "widgets' values; the node says where they depart from the preset's recipe, and why."),
         io.Int.Input("steps", default=800, min=1, max=100000, tooltip="Optimizer steps."),
         io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                        tooltip="Learning rate (AdamW's 1e-4 is the paper's)."),
@@ -93,7 +76,9 @@ def _inputs() -> list:
                      tooltip="Samples per step (each with its own noise, timestep and rank)."),
         io.Int.Input("grad_accumulation", default=1, min=1, max=64, tooltip="Batches summed before each step."),
         io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
-                       tooltip="AdamW (weight decay 1e-4, the paper's), Adam or SGD."),
+                       tooltip="AdamW (weight decay 1e-4, the paper's SDXL choice), Adam, SGD, Prodigy (the "
+                               "paper's Flux choice, learning_rate 1; needs the prodigyopt package) or AdamW "
+                               "schedule-free (needs the schedulefree package; files store its averaged weights)."),
         io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
                        tooltip="Gradient clipping; 0 = off."),
         io.Boolean.Input("gradient_checkpointing", default=True,
@@ -140,6 +125,17 @@ def _inputs() -> list:
                       tooltip="Loss masks, one per training image (or one for all), e.g. from a segmentation node: "
                               "the loss counts each latent element by the mask's mean over its pixels (1 = train, "
                               "0 = ignore)."),
+        io.Combo.Input("init", options=list(INITS), default=PAPER, optional=True,
+                       tooltip="How the T-LoRA starts: the last SVD components of a random matrix (the paper's "
+                               "choice, seeded by seed; the file always stores this base) or the principal SVD "
+                               "components of the layer's weights (LyCORIS' and SimpleTuner's). Both start with no "
+                               "change to the model."),
+        io.Combo.Input("lr_schedule", options=list(SCHEDULES), default=SCHEDULES[0], optional=True,
+                       tooltip="The learning rate over the run: constant (the paper's), warm-up then cosine decay to "
+                               "0, or linear decay to 0; a resumed run continues it from its step."),
+        io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
+                     tooltip="Steps over which the learning rate rises linearly to learning_rate (every schedule); "
+                             "0 = none."),
     ]
 
 
@@ -176,8 +172,8 @@ class TLoRATrain(io.ComfyNode):
         # the values sent are the values trained; a preset only names where they came from
         departs = preset_departures(one["preset"], one)
         if departs:
-            log.warning("Train T-LoRA: preset '%s' with %s: training the values given", one["preset"],
-                        ", ".join(f"{k} {d['trained']} (preset {d['preset']})" for k, d in departs.items()))
+            log.warning("Train T-LoRA: preset '%s' departed from, training the values given: %s", one["preset"],
+                        describe(departs))
         settings = NodeTrainSettings(**one, preset_departures=departs)
         tensors = [lat["samples"] for lat in latents]
         pbar = comfy.utils.ProgressBar(settings.steps)
@@ -200,10 +196,12 @@ class TLoRATrain(io.ComfyNode):
             text += f", fp16 loss scaling: {result.skipped} steps skipped"
         if result.resumed:
             text += f"; continued {result.resumed}"
-        if departs:
-            text += f" (preset '{settings.preset}' except {', '.join(departs)})"
+        if settings.init == PAPER and not settings.store_base:
+            text += "; base stored (store_base off is overridden: the paper's random init cannot be rebuilt)"
         if settings.export_standard:
             text += f"; standard LoRA (every rank): {standard_path(name)}"
+        if departs:
+            text += f"\ndeparts from preset '{settings.preset}': {describe(departs)}"
         return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
 
 

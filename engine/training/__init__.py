@@ -20,6 +20,7 @@ scaling (`tlora_core.loss_scale`); an interrupt keeps the last finished step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ import torch
 
 from ...tlora_core import TLoRAError
 from ...tlora_core.embed import source_record
+from ...tlora_core.random_init import INITS, PAPER, PRINCIPAL, RANDOM_BASE
 from ...tlora_core.training import TrainableTLoRA, lycoris_config
 from .. import timesteps
 from ..apply import compute_dtype
@@ -41,14 +43,16 @@ from .export import standard_names
 from .files import RunFiles
 from .loop import Loop, TrainSampler
 from .modules import init_modules
+from .optim import OPTIMIZERS, OPTIONAL, SCHEDULES, MissingOptimizer, optional_class, to_eval
 from .patch import KEY, TrainingPatch, TrainSlot, deinference
 from .resume import resume_modules
-from .settings import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, Progress, TrainResult, TrainSettings
+from .settings import DTYPES, LOSS_SPACES, SAMPLINGS, Progress, TrainResult, TrainSettings
 
 log = logging.getLogger("tlora.train")
 
-__all__ = ["DTYPES", "KEY", "LOSS_SPACES", "OPTIMIZERS", "SAMPLINGS", "TrainResult", "TrainSettings", "TrainSlot",
-           "TrainableTLoRA", "TrainingPatch", "check_inputs", "deinference", "saved_copies", "train"]
+__all__ = ["DTYPES", "INITS", "KEY", "LOSS_SPACES", "OPTIMIZERS", "PAPER", "PRINCIPAL", "SAMPLINGS", "SCHEDULES",
+           "TrainResult", "TrainSettings", "TrainSlot", "TrainableTLoRA", "TrainingPatch", "check_inputs",
+           "deinference", "saved_copies", "train"]
 
 
 def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str,
@@ -57,6 +61,11 @@ def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainS
     problems = s.problems()
     if problems:
         raise TLoRAError(out, "; ".join(problems))
+    if s.optimizer in OPTIONAL:
+        try:
+            optional_class(s.optimizer)
+        except MissingOptimizer as e:
+            raise TLoRAError(out, str(e)) from None
     if not latents:
         raise TLoRAError(out, "no latents to train on: connect the encoded training image(s)")
     kinds = {tuple(t.shape[1:-2]) for t in latents}
@@ -99,6 +108,10 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     masks = [m.reshape(-1, *m.shape[-2:]) for m in masks] if masks is not None else None
     masks = [r for m in masks for r in m] if masks is not None else None  # one (H, W) per image
     how = check_inputs(patcher, latents, positive, s, out, masks)
+    if s.init == PAPER and not s.store_base:
+        log.warning("Train T-LoRA: store_base switched on: a file trained from the paper's random init always stores "
+                    "its base (it cannot be rebuilt from the model's weights)")
+        s = dataclasses.replace(s, store_base=True)
     targets = trainable_targets(patcher.model, s.targets)
     if not targets:
         raise TLoRAError(out, f"no layer of this {type(patcher.model).__name__} model is known to the key maps "
@@ -106,14 +119,15 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     export_names = standard_names(patcher.model, targets, out) if s.export_standard else None
     model = type(patcher.model).__name__
     device = comfy.model_management.get_torch_device()
-    modules, digests, storage = init_modules(patcher, targets, s, out, device, svd_progress)
+    modules, digests, storage = init_modules(patcher, targets, s, out, device, svd_progress, resuming=bool(resume))
     resumed = resume_modules(modules, resume, s, model) if resume else None
     with torch.inference_mode(False):
         for m in modules.values():
             m.to(device)
-    log.info("Train T-LoRA: %d modules (%s) on %s, rank %d, min_rank %d, alpha %g, %d steps%s; timesteps: %s",
-             len(modules), s.targets, model, s.rank, s.min_rank, s.alpha, s.steps,
-             f", continuing {resumed.describe()}" if resumed else "", how)
+    log.info("Train T-LoRA: %d modules (%s) on %s, rank %d, min_rank %d, alpha %g, %d steps%s; init %s; %s, lr %g "
+             "%s (warm-up %d); timesteps: %s", len(modules), s.targets, model, s.rank, s.min_rank, s.alpha, s.steps,
+             f", continuing {resumed.describe()}" if resumed else "", s.init, s.optimizer, s.learning_rate,
+             s.lr_schedule, s.warmup_steps, how)
 
     n = sum(t.shape[0] for t in latents)
     entries, cond_of = caption_of_images(positive, n) or ([], [])
@@ -131,7 +145,10 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     facts = {"timesteps": how, "modules": len(modules), "images": n, "model": model,
              "buckets": ["x".join(map(str, b.latent.shape[2:])) for b in data.buckets]}
     loop: Loop | None = None
-    files = RunFiles(out, modules, s, config, source_record(source_name, digests, storage, "Train T-LoRA"), facts,
+    source = source_record(source_name, digests, storage, "Train T-LoRA")
+    if s.init == PAPER:
+        source["base_init"] = RANDOM_BASE
+    files = RunFiles(out, modules, s, config, source, facts,
                      resumed.steps if resumed else 0, resume, export_names,
                      live=lambda: {"skipped_steps": loop.scaler.skipped, "loss_scaling": loop.scaler.enabled}
                      if loop else {})
@@ -156,13 +173,14 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
         raise
     finally:
         patch.close()
+    to_eval(loop.opt)  # the factors a file stores and the run returns (schedule-free AdamW: its eval-mode ones)
     files.final(s.steps, loop.run_state())
     skipped = f", {loop.scaler.skipped} steps skipped by fp16 loss scaling" if loop.scaler.enabled else ""
     log.info("Train T-LoRA: wrote %s (%d modules, %d steps, loss %.4g -> %.4g%s)", out, len(modules),
              loop.steps_before + s.steps, loop.losses[0], loop.losses[-1], skipped)
     return TrainResult(out, loop.losses, modules, patch.state.calls, loop.checkpoints, time.perf_counter() - t0,
                        loop.drawn, loop.steps_before + s.steps, loop.scaler.skipped, loop.scaler.enabled,
-                       resumed.describe() if resumed else "")
+                       resumed.describe() if resumed else "", loop.lrs)
 
 
 def _save_interrupted(loop: Loop) -> str | None:

@@ -17,6 +17,7 @@ from .. import timesteps
 from . import state as run_state
 from .checkpointing import INPLACE_ERROR, saved_copies
 from .data import Data
+from .optim import evaluating, make_optimizer, set_lr, to_train
 from .patch import TrainingPatch
 from .resume import Resumed
 from .settings import Progress, TrainSettings
@@ -32,14 +33,6 @@ def one_step_schedule(sigma: torch.Tensor) -> torch.Tensor:
     find the call's sigma in it."""
     levels = sorted({float(v) for v in sigma.detach().float().reshape(-1).tolist()}, reverse=True)
     return torch.tensor([*levels, 0.0], device=sigma.device)
-
-
-def make_optimizer(s: TrainSettings, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if s.optimizer == "AdamW":
-        return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
-    if s.optimizer == "Adam":
-        return torch.optim.Adam(params, lr=s.learning_rate)
-    return torch.optim.SGD(params, lr=s.learning_rate)
 
 
 class Loop:
@@ -61,6 +54,7 @@ class Loop:
         self.drawn: list[float] = []  # the trainer's timestep of every sample drawn, in order (tests, diagnostics)
         self.resumed = resumed
         self.rng_done = self.generator.get_state()  # the generator as the last finished step left it
+        self.lrs: list[float] = []  # the learning rate of every step this run took (tests, diagnostics)
 
     def start(self, fp16: bool) -> None:
         """Once the model is loaded: loss scaling for an fp16 model, then the resumed run's state (if any)."""
@@ -73,10 +67,10 @@ class Loop:
         self.scaler.load_state_dict(st.scaler)
         if st.optimizer == type(self.opt).__name__:
             run_state.restore_optimizer(self.opt, self.names, st)
-            for g in self.opt.param_groups:  # this run's learning rate and decay (a constant rate: the step is its
-                g["lr"] = self.s.learning_rate  # position)
-                if "weight_decay" in g and self.s.optimizer == "AdamW":
+            for g in self.opt.param_groups:  # this run's decay (its learning rate is set at each step, from the
+                if self.s.optimizer not in ("Adam", "SGD"):  # step's position in the whole run)
                     g["weight_decay"] = self.s.weight_decay
+            to_train(self.opt)  # schedule-free AdamW: its state was saved with the eval-mode parameters
         else:
             log.info("Train T-LoRA: optimizer %s (the state holds %s): it starts afresh", self.s.optimizer,
                      st.optimizer)
@@ -91,7 +85,8 @@ class Loop:
         """Write the last finished step with its state, unless it is already written (or no step finished)."""
         if self.done == 0 or self.saved_at == self.done:
             return None
-        path = self.save(self.done, self.run_state())
+        with evaluating(self.opt):  # what a file stores (schedule-free AdamW: its eval-mode parameters)
+            path = self.save(self.done, self.run_state())
         self.saved_at = self.done
         self.checkpoints.append(path)
         return path
@@ -163,6 +158,8 @@ class Loop:
                                                     noise[sel], sigma[sel], w)
                     self.state.calls[-1].update(images=[data.buckets[b].images[int(i)] for i in idx[sel]],
                                                 caption=ci)
+            # the rate at this step's position in the whole run (the resumed steps included)
+            self.lrs.append(set_lr(self.opt, s, self.steps_before + step, self.steps_before + s.steps))
             finite = self.scaler.unscale(self.params)  # gradients in true units, before clipping
             if finite:
                 if s.max_grad_norm > 0:

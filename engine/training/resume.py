@@ -10,13 +10,14 @@ import os
 from dataclasses import dataclass, field
 
 from ...tlora_core import TLoRA, TLoRAError, load_tlora
+from ...tlora_core.random_init import PRINCIPAL
 from ...tlora_core.training import METADATA, TrainableTLoRA
 from . import state as run_state
 from .settings import TrainSettings
 
 log = logging.getLogger("tlora.train")
 
-CHECKED = ("rank", "min_rank", "alpha", "linear_alpha", "targets", "model")
+CHECKED = ("rank", "min_rank", "alpha", "linear_alpha", "targets", "model", "init")
 
 
 @dataclass
@@ -41,9 +42,13 @@ def _record(tl: TLoRA) -> dict:
 
 def file_settings(tl: TLoRA) -> dict:
     """The settings a file was trained with, as far as it says: its run record (Train T-LoRA's files), else its
-    tensors (rank, LyCORIS alpha) and recorded schedule (min_rank and alpha where recorded)."""
+    tensors (rank, LyCORIS alpha) and recorded schedule (min_rank and alpha where recorded). Its init: the
+    record's (files written before the choice: principal), else principal for a file that stores no base (its base
+    is rebuilt from the weights), else unknown (its stored base continues under either)."""
     rec = _record(tl)
     out = {k: rec[k] for k in CHECKED if k in rec}
+    if (rec and "rank" in rec) or tl.needs_svd_base:
+        out.setdefault("init", PRINCIPAL)
     out.setdefault("rank", tl.rank)
     scales = {round(a.scale * a.rank, 6) for a in tl.modules.values()}
     if len(scales) == 1 and "linear_alpha" not in out:

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ...tlora_core import schedule
+from ...tlora_core.random_init import INITS, PRINCIPAL
 from ...tlora_core.training import LOGIT_NORMAL, UNIFORM, TrainableTLoRA
 from .. import timesteps
 from ..train_targets import ATTENTION, PRESETS
+from .optim import CONSTANT, OPTIMIZERS, SCHEDULE_FREE, SCHEDULES
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SAMPLINGS = ("auto", UNIFORM, LOGIT_NORMAL)
 LOSS_SPACES = ("prediction", "x0")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -44,6 +45,9 @@ class TrainSettings:
     guidance: float = 1.0
     export_standard: bool = False  # also write the rank-2R standard LoRA beside the file and each checkpoint
     caption_dropout: float = 0.0  # the probability that a sample trains with the empty caption
+    init: str = PRINCIPAL  # or PAPER: the last SVD components of a random matrix (the file then stores its base)
+    lr_schedule: str = CONSTANT
+    warmup_steps: int = 0
 
     def problems(self) -> list[str]:
         out = []
@@ -55,14 +59,19 @@ class TrainSettings:
                          ("batch_size", self.batch_size >= 1), ("grad_accumulation", self.grad_accumulation >= 1),
                          ("linear_alpha", self.linear_alpha >= 0), ("max_grad_norm", self.max_grad_norm >= 0),
                          ("save_every", self.save_every >= 0), ("guidance", math.isfinite(self.guidance)),
-                         ("caption_dropout", 0 <= self.caption_dropout <= 1)):
+                         ("caption_dropout", 0 <= self.caption_dropout <= 1),
+
+                         ("warmup_steps", self.warmup_steps >= 0)):
             if not ok:
                 out.append(f"{name} {getattr(self, name)!r} is out of range")
         for name, allowed in (("targets", PRESETS), ("optimizer", OPTIMIZERS), ("timestep_sampling", SAMPLINGS),
                               ("timestep_mode", timesteps.MODES), ("loss_space", LOSS_SPACES),
-                              ("training_dtype", DTYPES)):
+                              ("training_dtype", DTYPES), ("init", INITS), ("lr_schedule", SCHEDULES)):
             if getattr(self, name) not in allowed:
                 out.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.optimizer == SCHEDULE_FREE and self.lr_schedule != CONSTANT:
+            out.append(f"lr_schedule {self.lr_schedule!r} with {SCHEDULE_FREE}: it needs no decay schedule (it "
+                       "averages its iterates instead); set lr_schedule to constant (warmup_steps is its warm-up)")
         return out
 
     @property
@@ -86,3 +95,4 @@ class TrainResult:
     skipped: int = 0  # steps skipped because fp16 gradients overflowed (loss scaling), in all
     loss_scaling: bool = False  # the model computed in fp16: the loss was scaled dynamically
     resumed: str = ""  # what it continued: "<file> at step N (with its training state | factors only)"
+    lrs: list[float] = field(default_factory=list)  # the learning rate of each step this run took

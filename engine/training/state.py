@@ -1,10 +1,12 @@
 """What a run needs to continue exactly where it stopped, written beside every file it writes.
 
 `<stem>.train_state` (a safetensors file; not `.safetensors`, so ComfyUI's model lists never offer it as a LoRA)
-holds the optimizer's state (AdamW / Adam moments and step counts, per parameter by name) and the loop's random
-generator as tensors, and as JSON metadata: the steps done, the optimizer's hyper-parameters (the learning rate is
-constant, so its position is the step), the loss scaler, the loss of every step, the run's settings, and a digest of
-the trained factors that ties the state to its T-LoRA file. No pickles.
+holds the optimizer's state (AdamW / Adam moments and step counts, Prodigy's and schedule-free AdamW's, per parameter
+by name) and the loop's random generator as tensors, and as JSON metadata: the steps done, the optimizer's
+hyper-parameters (Prodigy's adapted step size, schedule-free AdamW's averaging weights; the learning-rate schedule's
+position is the step), the per-parameter entries that are not tensors (Prodigy's step counts), the loss scaler, the
+loss of every step, the run's settings, and a digest of the trained factors that ties the state to its T-LoRA file.
+No pickles.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,6 +61,7 @@ class RunState:
     losses: list[float]
     settings: dict[str, Any]
     digest: str
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)  # parameter name -> its non-tensor state
 
 
 def capture(optimizer: torch.optim.Optimizer, names: list[str], generator_state: torch.Tensor,
@@ -67,17 +70,18 @@ def capture(optimizer: torch.optim.Optimizer, names: list[str], generator_state:
     sd = optimizer.state_dict()
     moments = {names[i]: {k: v.detach().cpu().clone() for k, v in st.items() if torch.is_tensor(v)}
                for i, st in sd["state"].items()}
+    extras = {names[i]: {k: v for k, v in st.items() if not torch.is_tensor(v)} for i, st in sd["state"].items()}
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
               for g in sd["param_groups"]]
     return RunState(steps, type(optimizer).__name__, groups, moments, generator_state.clone(), dict(scaler),
-                    list(losses), dict(settings), digest)
+                    list(losses), dict(settings), digest, {k: v for k, v in extras.items() if v})
 
 
 def write(path: str, st: RunState) -> str:
     tensors = {f"optimizer.{name}.{k}": v.contiguous() for name, d in st.moments.items() for k, v in d.items()}
     tensors["generator"] = st.generator.contiguous()
     meta = {"version": VERSION, "steps": st.steps, "optimizer": st.optimizer, "groups": st.groups,
-            "scaler": st.scaler, "losses": st.losses, "settings": st.settings, "digest": st.digest}
+            "scaler": st.scaler, "losses": st.losses, "settings": st.settings, "digest": st.digest, "extras": st.extras}
     return write_atomically(tensors, state_path(path), {METADATA: json.dumps(meta, sort_keys=True)})
 
 
@@ -99,7 +103,7 @@ def read(path: str) -> RunState | None:
                 moments.setdefault(name, {})[key] = v
         return RunState(int(meta["steps"]), str(meta["optimizer"]), list(meta["groups"]), moments,
                         tensors["generator"], dict(meta["scaler"]), [float(x) for x in meta["losses"]],
-                        dict(meta["settings"]), str(meta["digest"]))
+                        dict(meta["settings"]), str(meta["digest"]), dict(meta.get("extras", {})))
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise TLoRAError(sp, f"unreadable training state ({e}): delete it to resume from the T-LoRA file's factors "
                              "alone") from None
@@ -110,6 +114,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: list[str], st: Ru
     index = {n: i for i, n in enumerate(names)}
     with torch.inference_mode(False):  # normal tensors (read where ComfyUI runs nodes): the optimizer updates them
         state = {index[n]: {k: v.clone() for k, v in d.items()} for n, d in st.moments.items()}
+    for n, d in st.extras.items():
+        state.setdefault(index[n], {}).update(d)
     groups = []
     for saved, now in zip(st.groups, optimizer.state_dict()["param_groups"], strict=True):
         g = {**saved, "params": now["params"]}

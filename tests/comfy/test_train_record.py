@@ -108,8 +108,9 @@ def _node_inputs(pack, **values) -> dict:
 
 def test_the_node_trains_the_values_it_is_sent_under_a_preset(pack, tmp_path, monkeypatch, caplog):
     """Preset 'paper, single image' (800 steps, rank 64, min_rank 32, lr 1e-4) sent with steps 2, rank 4, min_rank 2
-    and lr 1e-3: the file has rank 4 modules, the record says 2 steps and names the preset and each departure, and so
-    do the log and the text under the node."""
+    and lr 1e-3: the file has rank 4 modules, the record says 2 steps and names the preset and each departure with
+    the reason it matters under the paper's recipe, and so do the log and the text under the node; store_base off is
+    overridden under the paper's random init, and the node says so."""
     import folder_paths
 
     fam = FAMILIES["sd15"]
@@ -119,7 +120,7 @@ def test_the_node_trains_the_values_it_is_sent_under_a_preset(pack, tmp_path, mo
     folder.mkdir()
     x, _ = fam.inputs(twin, torch.Generator().manual_seed(2))
     sent = {"preset": "paper, single image", "steps": 2, "rank": 4, "min_rank": 2, "learning_rate": 1e-3,
-            "filename": "preset/sent", "gradient_checkpointing": False}
+            "filename": "preset/sent", "gradient_checkpointing": False, "store_base": False}
     assert pack.nodes.train.PRESET_VALUES[sent["preset"]]["steps"] == 800
     real_train = pack.nodes.train.train
 
@@ -141,14 +142,21 @@ def test_the_node_trains_the_values_it_is_sent_under_a_preset(pack, tmp_path, mo
     assert ranks == {4} and cfg["linear_dim"] == 4 and cfg["tlora_min_rank"] == 2, (ranks, cfg)
     assert (record["steps"], record["rank"], record["min_rank"], record["learning_rate"]) == (2, 4, 2, 1e-3), record
     assert record["preset"] == "paper, single image"
-    assert record["preset_departures"] == {"steps": {"preset": 800, "trained": 2}, "rank": {"preset": 64, "trained": 4},
-                                           "min_rank": {"preset": 32, "trained": 2},
-                                           "learning_rate": {"preset": 1e-4, "trained": 1e-3}}, record
+    departs = record["preset_departures"]
+    assert {k: (d["preset"], d["trained"]) for k, d in departs.items()} == {
+        "steps": (800, 2), "rank": (64, 4), "min_rank": (32, 2), "learning_rate": (1e-4, 1e-3)}, record
+    assert departs["min_rank"]["why"] == "the paper's min_rank is half the rank; this is 50%", departs
+    assert departs["steps"]["why"] == "the paper trains T-LoRA 800 steps on one image", departs
     assert len(res.result[1]["loss"]) == 2
     said = " ".join(r.getMessage() for r in caplog.records)
-    assert "preset 'paper, single image'" in said and "steps 2 (preset 800)" in said and "rank 4 (preset 64)" in said
-    text = res.ui["text"][0]
-    assert text.startswith("preset/sent.safetensors: 2 steps") and "except rank, min_rank, learning_rate, steps" in text
+    assert "preset 'paper, single image'" in said and "steps 2 (preset 800: the paper trains T-LoRA" in said
+    assert "rank 4 (preset 64: the paper's SDXL rank is 64)" in said, said
+    first, second = res.ui["text"][0].split("\n")
+    assert first.startswith("preset/sent.safetensors: 2 steps"), first
+    assert "; base stored (store_base off is overridden: the paper's random init cannot be rebuilt)" in first, first
+    assert record["init"] == "random, last components (paper)" and record["store_base"] is True, record
+    assert second.startswith("departs from preset 'paper, single image': rank 4 (preset 64: ") and \
+        "; min_rank 2 (preset 32: the paper's min_rank is half the rank; this is 50%); learning_rate 0.001" in second
 
 
 def test_a_preset_sent_with_its_own_values_records_no_departure(pack):
@@ -158,6 +166,8 @@ def test_a_preset_sent_with_its_own_values_records_no_departure(pack):
     paper = dict(train.PRESET_VALUES["paper, single image"])
     assert train.preset_departures("paper, single image", {**paper, "learning_rate": 0.00010000000000000002}) == {}
     assert train.preset_departures("custom", {**paper, "steps": 3}) == {}
-    assert train.preset_departures("SimpleTuner", paper) == {
-        "min_rank": {"preset": 1, "trained": 32}, "linear_alpha": {"preset": 32.0, "trained": 0.0},
-        "targets": {"preset": "attention+feed_forward", "trained": "attention"}}
+    got = train.preset_departures("SimpleTuner", paper)
+    assert {k: (d["preset"], d["trained"]) for k, d in got.items()} == {
+        "min_rank": (1, 32), "linear_alpha": (32.0, 0.0), "targets": ("attention+feed_forward", "attention"),
+        "init": ("weights, principal (LyCORIS)", "random, last components (paper)")}
+    assert all(d["why"] for d in got.values())
