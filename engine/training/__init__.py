@@ -35,19 +35,22 @@ from .. import timesteps
 from ..apply import compute_dtype
 from ..patcher import require_api
 from ..train_targets import LYCORIS_CLASSES, trainable_targets
+from . import bands
 from .checkpointing import saved_copies
 from .export import standard_names
 from .files import RunFiles
 from .loop import Loop, TrainSampler
 from .modules import init_modules
 from .patch import KEY, TrainingPatch, TrainSlot, deinference
+from .preview import Previewer, PreviewSettings
 from .resume import resume_modules
 from .settings import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, Progress, TrainResult, TrainSettings
 
 log = logging.getLogger("tlora.train")
 
-__all__ = ["DTYPES", "KEY", "LOSS_SPACES", "OPTIMIZERS", "SAMPLINGS", "TrainResult", "TrainSettings", "TrainSlot",
-           "TrainableTLoRA", "TrainingPatch", "check_inputs", "deinference", "saved_copies", "train"]
+__all__ = ["DTYPES", "KEY", "LOSS_SPACES", "OPTIMIZERS", "SAMPLINGS", "PreviewSettings", "Previewer", "TrainResult",
+           "TrainSettings", "TrainSlot", "TrainableTLoRA", "TrainingPatch", "bands", "check_inputs", "deinference",
+           "saved_copies", "train"]
 
 
 def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str) -> str:
@@ -73,13 +76,18 @@ def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainS
 
 def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str,
           resume: str | None = None, progress: Progress | None = None,
-          svd_progress: Callable[[int, int], None] | None = None, source_name: str = "") -> TrainResult:
+          svd_progress: Callable[[int, int], None] | None = None, source_name: str = "",
+          preview: Previewer | None = None) -> TrainResult:
     """Train a T-LoRA on `patcher`'s model and write it to `out` (with its training state beside it). `positive`: one
     conditioning (a list of [tensor, dict] entries, its first entry used) for all latents, or one per latent.
     `resume`: a T-LoRA file to continue (checked against the settings; its state, when beside it, continues the
-    run exactly). An interrupt writes the last finished step as a checkpoint before it stops the run."""
+    run exactly). An interrupt writes the last finished step as a checkpoint before it stops the run. `preview`:
+    renders the preview prompts at its steps (each then also a checkpoint) and at the end, each row saved beside its
+    file."""
     t0 = time.perf_counter()
     how = check_inputs(patcher, latents, positive, s, out)
+    if preview is not None and preview.p.problems():
+        raise TLoRAError(out, "; ".join(preview.p.problems()))
     targets = trainable_targets(patcher.model, s.targets)
     if not targets:
         raise TLoRAError(out, f"no layer of this {type(patcher.model).__name__} model is known to the key maps "
@@ -111,6 +119,7 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
                      live=lambda: {"skipped_steps": loop.scaler.skipped, "loss_scaling": loop.scaler.enabled}
                      if loop else {})
     loop = Loop(s, modules, patch, files.checkpoint, progress, device, resumed)
+    loop.preview = preview
     try:
         with torch.inference_mode(False):
             patch.load()
@@ -131,12 +140,14 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     finally:
         patch.close()
     files.final(s.steps, loop.run_state())
+    if preview is not None and preview.rows and preview.rows[-1][0] == loop.steps_before + s.steps:
+        loop.previews.append(preview.save(out))
     skipped = f", {loop.scaler.skipped} steps skipped by fp16 loss scaling" if loop.scaler.enabled else ""
     log.info("Train T-LoRA: wrote %s (%d modules, %d steps, loss %.4g -> %.4g%s)", out, len(modules),
              loop.steps_before + s.steps, loop.losses[0], loop.losses[-1], skipped)
     return TrainResult(out, loop.losses, modules, patch.state.calls, loop.checkpoints, time.perf_counter() - t0,
                        loop.drawn, loop.steps_before + s.steps, loop.scaler.skipped, loop.scaler.enabled,
-                       resumed.describe() if resumed else "")
+                       resumed.describe() if resumed else "", loop.sample_losses, loop.previews)
 
 
 def _save_interrupted(loop: Loop) -> str | None:

@@ -17,6 +17,7 @@ from .. import timesteps
 from . import state as run_state
 from .checkpointing import INPLACE_ERROR, saved_copies
 from .patch import TrainingPatch
+from .preview import Previewer
 from .resume import Resumed
 from .settings import Progress, TrainSettings
 
@@ -58,6 +59,9 @@ class Loop:
         self.checkpoints: list[str] = []
         self.saved_at = -1  # the step (of this run) last written with its state
         self.drawn: list[float] = []  # the trainer's timestep of every sample drawn, in order (tests, diagnostics)
+        self.sample_losses: list[float] = []  # the loss of every sample, in the order of `drawn`
+        self.preview: Previewer | None = None
+        self.previews: list[str] = []  # the preview images saved beside checkpoints
         self.resumed = resumed
         self.rng_done = self.generator.get_state()  # the generator as the last finished step left it
 
@@ -150,10 +154,15 @@ class Loop:
                 idx = torch.randint(0, n_images, (s.batch_size,), generator=self.generator)
                 noise = torch.randn((s.batch_size, *latent.shape[1:]), generator=self.generator)
                 sigma = self.draw_sigmas(ms, s.batch_size)
+                drawn_losses = [0.0] * s.batch_size
                 for ci in sorted({cond_of[int(i)] for i in idx}):  # one conditioning per model call
                     sel = torch.tensor([j for j, i in enumerate(idx.tolist()) if cond_of[i] == ci])
-                    step_losses += self.micro_batch(model_wrap, extra_args, ms, conds[ci], latent[idx[sel]],
-                                                    noise[sel], sigma[sel])
+                    got = self.micro_batch(model_wrap, extra_args, ms, conds[ci], latent[idx[sel]], noise[sel],
+                                           sigma[sel])
+                    step_losses += got
+                    for j, v in zip(sel.tolist(), got, strict=True):
+                        drawn_losses[j] = v
+                self.sample_losses += drawn_losses
             finite = self.scaler.unscale(self.params)  # gradients in true units, before clipping
             if finite:
                 if s.max_grad_norm > 0:
@@ -168,8 +177,19 @@ class Loop:
             self.done, self.rng_done = step + 1, self.generator.get_state()
             if self.progress is not None:
                 self.progress(step + 1, s.steps, self.losses[-1])
-            if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
-                self.checkpoint()
+            due = self.preview is not None and self.preview.due(step + 1, step + 1 == s.steps)
+            if ((s.save_every and (step + 1) % s.save_every == 0) or due) and step + 1 < s.steps:
+                self.checkpoint()  # a preview step is a checkpoint: the user picks the file the previews show
+            if due:
+                self.render_previews(latent)
+
+    def render_previews(self, latent: torch.Tensor) -> None:
+        """The previews of the last finished step, saved beside its checkpoint (the final file's are saved when it
+        is written)."""
+        assert self.preview is not None
+        self.preview.render(self.patch, latent, self.steps_before + self.done)
+        if self.done < self.s.steps and self.checkpoints:
+            self.previews.append(self.preview.save(self.checkpoints[-1]))
 
     def micro_batch(self, model_wrap, extra_args, ms, cond, x0, noise, sigma) -> list[float]:
         device = self.device

@@ -84,3 +84,5 @@ class TrainResult:
     skipped: int = 0  # steps skipped because fp16 gradients overflowed (loss scaling), in all
     loss_scaling: bool = False  # the model computed in fp16: the loss was scaled dynamically
     resumed: str = ""  # what it continued: "<file> at step N (with its training state | factors only)"
+    sample_losses: list[float] = field(default_factory=list)  # every sample's loss of this run, in `drawn` order
+    previews: list[str] = field(default_factory=list)  # the preview images saved beside the files (step order)
