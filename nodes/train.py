@@ -17,6 +17,7 @@ from ..engine.train_targets import ATTENTION, ATTENTION_FF, PRESETS
 from ..engine.training import DTYPES, LOSS_SPACES, OPTIMIZERS, SAMPLINGS, TrainSettings, train
 from ..tlora_core.export import standard_path
 from .common import progress_bar
+from .train_preview import live, outputs, preview_inputs, preview_outputs, previewer
 
 log = logging.getLogger("tlora.train")
 
@@ -128,6 +129,7 @@ def _inputs() -> list:
                          tooltip="Also write <name>.standard.safetensors (and one beside each checkpoint): the "
                                  "T-LoRA as a rank-2R standard LoRA that LoraLoader and other tools apply at every "
                                  "rank (no schedule), and Load T-LoRA runs with its schedule."),
+        *preview_inputs(),
     ]
 
 
@@ -150,12 +152,15 @@ class TLoRATrain(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained T-LoRA applied."),
                 io.Custom("LOSS_MAP").Output(display_name="LOSS", tooltip="The loss of every step (Plot Loss Graph)."),
                 io.String.Output(display_name="FILE", tooltip="The saved file's name in models/loras."),
+                *preview_outputs(),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
+        pbar = comfy.utils.ProgressBar(1)
+        pv = previewer(widgets, live(pbar))
         one = {k: v[0] if isinstance(v, list) else v for k, v in widgets.items()}
         resume, filename, overwrite = one.pop("resume_from"), one.pop("filename"), one.pop("overwrite")
         out = output_path(filename, folder_paths.get_folder_paths("loras")[0], overwrite, where="models/loras")
@@ -166,7 +171,7 @@ class TLoRATrain(io.ComfyNode):
                         ", ".join(f"{k} {d['trained']} (preset {d['preset']})" for k, d in departs.items()))
         settings = NodeTrainSettings(**one, preset_departures=departs)
         tensors = [lat["samples"] for lat in latents]
-        pbar = comfy.utils.ProgressBar(settings.steps)
+        pbar.total = settings.steps
         node_id = cls.hidden.unique_id if getattr(cls, "hidden", None) is not None else None
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -175,7 +180,7 @@ class TLoRATrain(io.ComfyNode):
 
         resume_path = folder_paths.get_full_path_or_raise("loras", resume) if resume != NONE else None
         result = train(model[0], tensors, positive, settings, out, resume_path, progress, progress_bar(),
-                       source_name=f"{type(model[0].model).__name__}")
+                       source_name=f"{type(model[0].model).__name__}", preview=pv)
         name = os.path.relpath(out, folder_paths.get_folder_paths("loras")[0])
         tl = read_file(out, False)
         trained, _ = apply_tlora(model[0], tl, Settings(1.0, settings.rank, settings.min_rank, settings.alpha,
@@ -189,7 +194,10 @@ class TLoRATrain(io.ComfyNode):
             text += f" (preset '{settings.preset}' except {', '.join(departs)})"
         if settings.export_standard:
             text += f"; standard LoRA (every rank): {standard_path(name)}"
-        return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
+        if pv is not None:
+            text += f"; previews at {len(pv.rows)} steps ({pv.seconds:.1f} s), saved beside each checkpoint"
+        grid, band_plot = outputs(pv, result, settings.batch_size * settings.grad_accumulation, settings.steps)
+        return io.NodeOutput(trained, {"loss": result.losses}, name, grid, band_plot, ui={"text": [text]})
 
 
 def _progress_text(text: str, node_id) -> None:

@@ -191,3 +191,40 @@ def test_the_loss_per_noise_band(pack, previewed):
     assert {b: v for b, v in enumerate(split.values()) if v} == want
     image = bands.plot(split, s.steps)
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3 and float(image.std()) > 0.01
+
+
+def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(pack, sd15, tmp_path, monkeypatch):
+    """The node with previews every k of 2k steps: the grid so far reaches ComfyUI's progress hook (the node's live
+    preview image) at steps k and 2k; PREVIEWS is the grid (2 rows x 2 prompts) and LOSS_BANDS the band plot."""
+    import comfy.utils
+    import folder_paths
+
+    _, twin, latent, vae, prompts = sd15
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(tmp_path)], folder_paths.supported_pt_extensions))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    shown = []
+
+    def hook(value, total, preview, node_id=None):
+        if preview is not None:
+            shown.append((value, total, preview))
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    s = _settings(pack, steps=2 * K, gradient_checkpointing=False)
+    widgets = {k: [v] for k, v in s.record().items() if k != "weight_decay"}
+    widgets.update(preset=["custom"], filename=["tlora/node"], overwrite=[False], resume_from=["none"],
+                   vae=[vae], preview_prompts=prompts, preview_every=[K], preview_seed=[PREVIEW["seed"]],
+                   preview_steps=[2], preview_cfg=[PREVIEW["cfg"]], preview_sampler=["euler"],
+                   preview_scheduler=["normal"], preview_width=[0], preview_height=[0])
+    with torch.inference_mode():
+        result = pack.nodes.train.TLoRATrain.execute([twin.patcher], [{"samples": latent}], [prompts[0]], **widgets)
+    _, _, name, grid, band_plot = result.args
+    assert name == "tlora/node.safetensors" and "previews at 2 steps" in result.ui["text"][0], result.ui["text"]
+    label = pack.engine.training.preview.LABEL_H
+    assert [(v, t) for v, t, _ in shown] == [(K, 2 * K), (2 * K, 2 * K)]
+    kind, image, size = shown[-1][2]
+    assert kind == "JPEG" and size == 1024 and image.size == (grid.shape[2], grid.shape[1])
+    assert grid.shape == (1, 2 * (64 + label), 2 * 64, 3) and float(grid.std()) > 0.01
+    assert band_plot.shape[0] == 1 and band_plot.shape[-1] == 3
+    assert (tmp_path / "tlora" / f"node_step{K}.preview.png").is_file() and (tmp_path / "tlora" /
+                                                                            "node.preview.png").is_file()
