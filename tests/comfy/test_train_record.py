@@ -97,10 +97,10 @@ def test_the_recorded_lycoris_config_rebuilds_exactly_the_trained_modules(pack, 
 
 def _node_inputs(pack, **values) -> dict:
     """Every Train T-LoRA widget at its schema default, `values` replacing some, as ComfyUI passes them to an
-    `is_input_list` node (one-item lists)."""
+    `is_input_list` node (one-item lists); optional links (no default) unconnected."""
     schema = pack.nodes.train.TLoRATrain.define_schema()
     links = {"model", "latents", "positive"}
-    widgets = {i.id: i.default for i in schema.inputs if i.id not in links}
+    widgets = {i.id: i.default for i in schema.inputs if i.id not in links and hasattr(i, "default")}
     unknown = set(values) - set(widgets)
     assert not unknown, unknown
     return {k: [v] for k, v in {**widgets, **values}.items()}
