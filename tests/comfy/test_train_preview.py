@@ -226,3 +226,34 @@ def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(
     assert band_plot.shape[0] == 1 and band_plot.shape[-1] == 3
     assert (tmp_path / "tlora" / f"node_step{K}.preview.png").is_file() and (tmp_path / "tlora" /
                                                                             "node.preview.png").is_file()
+
+
+def test_each_sample_loss_is_that_of_its_own_draw_with_a_caption_per_image(pack, sd15, tmp_path):
+    """Two images with a caption each, a batch of 4 in which the captions interleave (so the model calls group the
+    samples out of draw order): the first step's sample losses, in `drawn` order, are each draw's own loss computed
+    apart on the base model (the principal init adds exactly nothing before the first update)."""
+    import comfy.model_management as mm
+
+    fam, twin, latent, _, prompts = sd15
+    latents = torch.cat([latent, torch.randn(latent.shape, generator=torch.Generator().manual_seed(8)) * 0.5])
+    s = _settings(pack, steps=1, batch_size=4, seed=7, gradient_checkpointing=False)
+    g = torch.Generator().manual_seed(s.seed)  # the loop's draws: images, noise, timesteps
+    idx = torch.randint(0, 2, (4,), generator=g)
+    noise = torch.randn((4, *latent.shape[1:]), generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    assert idx.tolist() not in ([0, 0, 1, 1], [1, 1, 0, 0]) and len(set(idx.tolist())) == 2, idx
+    with torch.inference_mode():
+        res = pack.engine.training.train(twin.patcher, [latents], prompts, s, str(tmp_path / "two.safetensors"))
+    assert res.drawn == [float(v) for v in t]
+    model = twin.patcher.model
+    mm.load_models_gpu([twin.patcher])
+    want = []
+    for j in range(4):
+        x0 = model.process_latent_in(latents[idx[j]:idx[j] + 1])
+        sigma = model.model_sampling.sigmas[t[j]:t[j] + 1].float()
+        xt = model.model_sampling.noise_scaling(sigma, noise[j:j + 1], x0)
+        with torch.no_grad():
+            denoised = model.apply_model(xt, sigma, c_crossattn=prompts[int(idx[j])][0][0])
+        want.append(float((denoised - x0).square().mean() / sigma.square()))
+    worst = max(abs(a - b) / b for a, b in zip(res.sample_losses, want, strict=True))
+    assert worst < 1e-4, (res.sample_losses, want)
