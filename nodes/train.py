@@ -16,6 +16,7 @@ from ..engine.train_targets import ATTENTION, PRESETS
 from ..engine.training import DTYPES, INITS, LOSS_SPACES, OPTIMIZERS, PAPER, SAMPLINGS, SCHEDULES, TrainSettings, train
 from ..tlora_core.export import standard_path
 from .common import progress_bar
+from .train_preview import live, outputs, preview_inputs, preview_outputs, previewer
 from .train_recipe import CUSTOM, PRESET_NAMES, PRESET_VALUES, departures, describe
 
 log = logging.getLogger("tlora.train")
@@ -136,6 +137,7 @@ def _inputs() -> list:
         io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
                      tooltip="Steps over which the learning rate rises linearly to learning_rate (every schedule); "
                              "0 = none."),
+        *preview_inputs(),
     ]
 
 
@@ -158,6 +160,7 @@ class TLoRATrain(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained T-LoRA applied."),
                 io.Custom("LOSS_MAP").Output(display_name="LOSS", tooltip="The loss of every step (Plot Loss Graph)."),
                 io.String.Output(display_name="FILE", tooltip="The saved file's name in models/loras."),
+                *preview_outputs(),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -166,6 +169,8 @@ class TLoRATrain(io.ComfyNode):
     def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
         links = {k: widgets.pop(k, None) for k in ("empty_caption", "masks")}  # lists; None when not connected
         links = {k: v for k, v in links.items() if v is not None and any(x is not None for x in v)}
+        pbar = comfy.utils.ProgressBar(1)
+        pv = previewer(widgets, live(pbar))
         one = {k: v[0] if isinstance(v, list) else v for k, v in widgets.items()}
         resume, filename, overwrite = one.pop("resume_from"), one.pop("filename"), one.pop("overwrite")
         out = output_path(filename, folder_paths.get_folder_paths("loras")[0], overwrite, where="models/loras")
@@ -176,7 +181,7 @@ class TLoRATrain(io.ComfyNode):
                         describe(departs))
         settings = NodeTrainSettings(**one, preset_departures=departs)
         tensors = [lat["samples"] for lat in latents]
-        pbar = comfy.utils.ProgressBar(settings.steps)
+        pbar.total = settings.steps
         node_id = cls.hidden.unique_id if getattr(cls, "hidden", None) is not None else None
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -186,7 +191,8 @@ class TLoRATrain(io.ComfyNode):
         resume_path = folder_paths.get_full_path_or_raise("loras", resume) if resume != NONE else None
         result = train(model[0], tensors, positive, settings, out, resume_path, progress, progress_bar(),
                        source_name=f"{type(model[0].model).__name__}", masks=links.get("masks"),
-                       empty=links["empty_caption"][0] if "empty_caption" in links else None)
+                       empty=links["empty_caption"][0] if "empty_caption" in links else None,
+                       preview=pv)
         name = os.path.relpath(out, folder_paths.get_folder_paths("loras")[0])
         tl = read_file(out, False)
         trained, _ = apply_tlora(model[0], tl, Settings(1.0, settings.rank, settings.min_rank, settings.alpha,
@@ -200,9 +206,12 @@ class TLoRATrain(io.ComfyNode):
             text += "; base stored (store_base off is overridden: the paper's random init cannot be rebuilt)"
         if settings.export_standard:
             text += f"; standard LoRA (every rank): {standard_path(name)}"
+        if pv is not None:
+            text += f"; previews at {len(pv.rows)} steps ({pv.seconds:.1f} s), saved beside each checkpoint"
         if departs:
             text += f"\ndeparts from preset '{settings.preset}': {describe(departs)}"
-        return io.NodeOutput(trained, {"loss": result.losses}, name, ui={"text": [text]})
+        grid, band_plot = outputs(pv, result, settings.batch_size * settings.grad_accumulation, settings.steps)
+        return io.NodeOutput(trained, {"loss": result.losses}, name, grid, band_plot, ui={"text": [text]})
 
 
 def _progress_text(text: str, node_id) -> None:

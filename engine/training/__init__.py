@@ -37,6 +37,7 @@ from .. import timesteps
 from ..apply import compute_dtype
 from ..patcher import require_api
 from ..train_targets import LYCORIS_CLASSES, trainable_targets
+from . import bands
 from .checkpointing import saved_copies
 from .data import Data, caption_of_images, empty_caption, mask_problem
 from .export import standard_names
@@ -45,14 +46,15 @@ from .loop import Loop, TrainSampler
 from .modules import init_modules
 from .optim import OPTIMIZERS, OPTIONAL, SCHEDULES, MissingOptimizer, optional_class, to_eval
 from .patch import KEY, TrainingPatch, TrainSlot, deinference
+from .preview import Previewer, PreviewSettings
 from .resume import resume_modules
 from .settings import DTYPES, LOSS_SPACES, SAMPLINGS, Progress, TrainResult, TrainSettings
 
 log = logging.getLogger("tlora.train")
 
 __all__ = ["DTYPES", "INITS", "KEY", "LOSS_SPACES", "OPTIMIZERS", "PAPER", "PRINCIPAL", "SAMPLINGS", "SCHEDULES",
-           "TrainResult", "TrainSettings", "TrainSlot", "TrainableTLoRA", "TrainingPatch", "check_inputs",
-           "deinference", "saved_copies", "train"]
+           "PreviewSettings", "Previewer", "TrainResult", "TrainSettings", "TrainSlot", "TrainableTLoRA",
+           "TrainingPatch", "bands", "check_inputs", "deinference", "saved_copies", "train"]
 
 
 def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str,
@@ -95,7 +97,8 @@ def check_inputs(patcher, latents: list[torch.Tensor], positive: list, s: TrainS
 def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings, out: str,
           resume: str | None = None, progress: Progress | None = None,
           svd_progress: Callable[[int, int], None] | None = None, source_name: str = "",
-          masks: list[torch.Tensor] | None = None, empty: list | None = None) -> TrainResult:
+          masks: list[torch.Tensor] | None = None, empty: list | None = None,
+          preview: Previewer | None = None) -> TrainResult:
     """Train a T-LoRA on `patcher`'s model and write it to `out` (with its training state beside it). `latents`: the
     images' latents, any sizes (size buckets: each model call one size). `positive`: one conditioning (a list of
     [tensor, dict] entries, its first entry used) for all latents, one per latent, or entries one per latent in
@@ -103,11 +106,14 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
     `empty`: the conditioning a dropped caption trains with (default: the first caption zeroed, as
     ConditioningZeroOut does). `resume`: a T-LoRA file to continue (checked against the settings; its state, when
     beside it, continues the run exactly). An interrupt writes the last finished step as a checkpoint before it
-    stops the run."""
+    stops the run. `preview`: renders the preview prompts at its steps (each then also a checkpoint) and at the end,
+    each row saved beside its file."""
     t0 = time.perf_counter()
     masks = [m.reshape(-1, *m.shape[-2:]) for m in masks] if masks is not None else None
     masks = [r for m in masks for r in m] if masks is not None else None  # one (H, W) per image
     how = check_inputs(patcher, latents, positive, s, out, masks)
+    if preview is not None and preview.p.problems():
+        raise TLoRAError(out, "; ".join(preview.p.problems()))
     if s.init == PAPER and not s.store_base:
         log.warning("Train T-LoRA: store_base switched on: a file trained from the paper's random init always stores "
                     "its base (it cannot be rebuilt from the model's weights)")
@@ -153,6 +159,7 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
                      live=lambda: {"skipped_steps": loop.scaler.skipped, "loss_scaling": loop.scaler.enabled}
                      if loop else {})
     loop = Loop(s, modules, patch, files.checkpoint, progress, device, resumed)
+    loop.preview = preview
     try:
         with torch.inference_mode(False):
             patch.load()
@@ -175,12 +182,14 @@ def train(patcher, latents: list[torch.Tensor], positive: list, s: TrainSettings
         patch.close()
     to_eval(loop.opt)  # the factors a file stores and the run returns (schedule-free AdamW: its eval-mode ones)
     files.final(s.steps, loop.run_state())
+    if preview is not None and preview.rows and preview.rows[-1][0] == loop.steps_before + s.steps:
+        loop.previews.append(preview.save(out))
     skipped = f", {loop.scaler.skipped} steps skipped by fp16 loss scaling" if loop.scaler.enabled else ""
     log.info("Train T-LoRA: wrote %s (%d modules, %d steps, loss %.4g -> %.4g%s)", out, len(modules),
              loop.steps_before + s.steps, loop.losses[0], loop.losses[-1], skipped)
     return TrainResult(out, loop.losses, modules, patch.state.calls, loop.checkpoints, time.perf_counter() - t0,
                        loop.drawn, loop.steps_before + s.steps, loop.scaler.skipped, loop.scaler.enabled,
-                       resumed.describe() if resumed else "", loop.lrs)
+                       resumed.describe() if resumed else "", loop.lrs, loop.sample_losses, loop.previews)
 
 
 def _save_interrupted(loop: Loop) -> str | None:

@@ -19,6 +19,7 @@ from .checkpointing import INPLACE_ERROR, saved_copies
 from .data import Data
 from .optim import evaluating, make_optimizer, set_lr, to_train
 from .patch import TrainingPatch
+from .preview import Previewer
 from .resume import Resumed
 from .settings import Progress, TrainSettings
 
@@ -52,6 +53,9 @@ class Loop:
         self.checkpoints: list[str] = []
         self.saved_at = -1  # the step (of this run) last written with its state
         self.drawn: list[float] = []  # the trainer's timestep of every sample drawn, in order (tests, diagnostics)
+        self.sample_losses: list[float] = []  # the loss of every sample, in the order of `drawn`
+        self.preview: Previewer | None = None
+        self.previews: list[str] = []  # the preview images saved beside checkpoints
         self.resumed = resumed
         self.rng_done = self.generator.get_state()  # the generator as the last finished step left it
         self.lrs: list[float] = []  # the learning rate of every step this run took (tests, diagnostics)
@@ -151,13 +155,18 @@ class Loop:
                 noise = torch.randn((s.batch_size, *latents[b].shape[1:]), generator=self.generator)
                 sigma = self.draw_sigmas(ms, s.batch_size)
                 caps = data.captions(b, idx, self.generator, s.caption_dropout)
+                drawn_losses = [0.0] * s.batch_size
                 for ci in sorted(set(caps)):  # one conditioning per model call
                     sel = torch.tensor([j for j, c in enumerate(caps) if c == ci])
                     w = weights[b][idx[sel]] if weights[b] is not None else None
-                    step_losses += self.micro_batch(model_wrap, extra_args, ms, conds[ci], latents[b][idx[sel]],
-                                                    noise[sel], sigma[sel], w)
+                    got = self.micro_batch(model_wrap, extra_args, ms, conds[ci], latents[b][idx[sel]], noise[sel],
+                                           sigma[sel], w)
+                    step_losses += got
+                    for j, v in zip(sel.tolist(), got, strict=True):
+                        drawn_losses[j] = v
                     self.state.calls[-1].update(images=[data.buckets[b].images[int(i)] for i in idx[sel]],
                                                 caption=ci)
+                self.sample_losses += drawn_losses
             # the rate at this step's position in the whole run (the resumed steps included)
             self.lrs.append(set_lr(self.opt, s, self.steps_before + step, self.steps_before + s.steps))
             finite = self.scaler.unscale(self.params)  # gradients in true units, before clipping
@@ -174,8 +183,19 @@ class Loop:
             self.done, self.rng_done = step + 1, self.generator.get_state()
             if self.progress is not None:
                 self.progress(step + 1, s.steps, self.losses[-1])
-            if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
-                self.checkpoint()
+            due = self.preview is not None and self.preview.due(step + 1, step + 1 == s.steps)
+            if ((s.save_every and (step + 1) % s.save_every == 0) or due) and step + 1 < s.steps:
+                self.checkpoint()  # a preview step is a checkpoint: the user picks the file the previews show
+            if due:
+                self.render_previews(latents[0])  # the size of the first image's bucket
+
+    def render_previews(self, latent: torch.Tensor) -> None:
+        """The previews of the last finished step, saved beside its checkpoint (the final file's are saved when it
+        is written)."""
+        assert self.preview is not None
+        self.preview.render(self.patch, latent, self.steps_before + self.done)
+        if self.done < self.s.steps and self.checkpoints:
+            self.previews.append(self.preview.save(self.checkpoints[-1]))
 
     def micro_batch(self, model_wrap, extra_args, ms, cond, x0, noise, sigma, weight=None) -> list[float]:
         """One model call and its backward pass. `weight` (the masks, broadcast over channels): each sample's loss is

@@ -96,3 +96,5 @@ class TrainResult:
     loss_scaling: bool = False  # the model computed in fp16: the loss was scaled dynamically
     resumed: str = ""  # what it continued: "<file> at step N (with its training state | factors only)"
     lrs: list[float] = field(default_factory=list)  # the learning rate of each step this run took
+    sample_losses: list[float] = field(default_factory=list)  # every sample's loss of this run, in `drawn` order
+    previews: list[str] = field(default_factory=list)  # the preview images saved beside the files (step order)

@@ -72,3 +72,58 @@ def test_the_node_refuses_bad_inputs_before_any_work(server, tiny):
 def test_presets_are_served_for_the_node(server):
     presets = server.get("/tlora/train_presets")
     assert presets["paper, single image"]["min_rank"] == 32 and presets["SimpleTuner"]["linear_alpha"] == 32
+
+
+def test_the_node_previews_while_it_trains_over_http(server, tiny):
+    """Previews every 3 of 6 steps over a real server: preview images reach the websocket client while the node runs
+    (ComfyUI's progress preview), the PREVIEWS output (shown by a Preview Image node) is the grid of 2 rows, the
+    LOSS_BANDS output is an image, and each step's previews lie beside its file."""
+    import io
+
+    import websocket
+
+    prompt = _prompt(server, tiny, filename="trained/previewed", preview_every=3, preview_steps=2, preview_cfg=2.0,
+                     preview_seed=1)
+    train_id = next(k for k, v in prompt.items() if v["class_type"] == "TLoRATrain")
+    node = prompt[train_id]["inputs"]
+    vae = next(k for k, v in prompt.items() if v["class_type"] == "VAELoader")
+    node.update(vae=[vae, 0], preview_prompts=node["positive"])
+    prompt["9901"] = {"class_type": "PreviewImage", "inputs": {"images": [train_id, 3]}}
+    prompt["9902"] = {"class_type": "PreviewImage", "inputs": {"images": [train_id, 4]}}
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=300)
+    previews, executing = [], None
+    try:
+        prompt_id = server.queue(prompt)
+        while True:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                kind = int.from_bytes(msg[:4], "big")
+                if kind == 4:  # PREVIEW_IMAGE_WITH_METADATA: length, metadata JSON, image
+                    n = int.from_bytes(msg[4:8], "big")
+                    meta, image = json.loads(msg[8:8 + n]), msg[8 + n:]
+                    previews.append((meta.get("node_id"), image))
+                elif kind == 1:  # PREVIEW_IMAGE: format, image (sent while a node is executing)
+                    previews.append((executing, msg[8:]))
+                continue
+            m = json.loads(msg)
+            data = m.get("data", {})
+            if m["type"] == "executing":
+                executing = data.get("node")
+                if executing is None and data.get("prompt_id") == prompt_id:
+                    break
+            assert m["type"] != "execution_error", data
+    finally:
+        ws.close()
+    entry = server.wait(prompt_id)
+    assert [n for n, _ in previews] == [train_id, train_id], [n for n, _ in previews]
+    first, last = (Image.open(io.BytesIO(b)).size for b in (previews[0][1], previews[-1][1]))
+    grid = entry["outputs"]["9901"]["images"]
+    assert len(grid) == 1 and len(entry["outputs"]["9902"]["images"]) == 1
+    shown = Image.open(io.BytesIO(server.images({"outputs": {"9901": entry["outputs"]["9901"]}})[0])).size
+    assert shown[0] == SIZE and shown[1] > 2 * SIZE  # 2 rows (each under its step's label) of 1 prompt
+    # the node shows the grid so far, scaled by ComfyUI to its preview size: one row, then both
+    assert abs(first[1] / first[0] - shown[1] / shown[0] / 2) < 0.02, (first, shown)
+    assert abs(last[1] / last[0] - shown[1] / shown[0]) < 0.02, (last, shown)
+    folder = Path(server.base) / "models" / "loras" / "trained"
+    assert (folder / "previewed_step3.preview.png").is_file() and (folder / "previewed.preview.png").is_file()
+    assert "previews at 2 steps" in entry["outputs"][train_id]["text"][0]
