@@ -191,9 +191,10 @@ class Loop:
 
     def render_previews(self, latent: torch.Tensor) -> None:
         """The previews of the last finished step, saved beside its checkpoint (the final file's are saved when it
-        is written)."""
+        is written). Schedule-free AdamW renders its eval-mode factors, the ones the file stores."""
         assert self.preview is not None
-        self.preview.render(self.patch, latent, self.steps_before + self.done)
+        with evaluating(self.opt):
+            self.preview.render(self.patch, latent, self.steps_before + self.done)
         if self.done < self.s.steps and self.checkpoints:
             self.previews.append(self.preview.save(self.checkpoints[-1]))
 
