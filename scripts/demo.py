@@ -1,11 +1,14 @@
 """The main job: run the SDXL T-LoRA example workflow through a real headless ComfyUI on tiny models, then the
-training example (train a T-LoRA on one image, plot the loss, sample with it beside the base model).
+training example (train a T-LoRA on a captioned dataset with previews at each checkpoint, plot the loss and the
+loss per noise band, sample with the trained model and with a checkpoint picked from the preview grid).
 
 Writes to --out:
   tlora_sdxl_*.png          the image ComfyUI produced
   trace.jsonl               one line per model call: sigma -> trainer timestep -> active rank
   schedule.png              the schedule plot from the T-LoRA Schedule Preview node, with the run's calls
-  train/                    the training example: loss graph, trained T-LoRA file (+ sidecar), both images
+  train/                    the training example: preview_grid.png (a row per checkpoint, its step written on it),
+                            loss_graph.png, loss_bands.png, the trained T-LoRA and its checkpoints (with their
+                            previews), the image of the trained model and of the checkpoint picked
   summary.json              what ran, and the check that every call's rank matches the schedule formula
 """
 
@@ -64,36 +67,64 @@ def check_trace(lines: list[dict]) -> dict:
             "rank_changes": sum(1 for a, b in zip(ranks, ranks[1:], strict=False) if a != b)}
 
 
-TRAIN_STEPS = 30
+TRAIN_STEPS, PREVIEW_EVERY = 30, 10
+PICKED = f"demo/trained_tlora_step{2 * PREVIEW_EVERY}.safetensors"
 
 
-def run_training(srv: ComfyServer, info: dict, tiny: dict, cond: dict, out: Path) -> dict:
-    """The training example on the tiny SDXL: a seeded 64 px image, Train T-LoRA, Plot Loss Graph, both samplers."""
+def _dataset(srv: ComfyServer) -> None:
+    """The subject: two seeded images at two sizes, each with its caption, as ComfyUI's dataset loader reads them."""
     import numpy as np
     from PIL import Image
 
-    out.mkdir()
+    folder = srv.base / "input" / "sks_dog"
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(srv.base / "input" / "subject.png")
+    for name, (w, h) in {"front.png": (64, 64), "side.png": (96, 64)}.items():
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(f"a photo of sks dog, {name[:-4]}")
+
+
+def _save_images(srv: ComfyServer, entry: dict, prompt: dict, out: Path, names: dict) -> None:
+    for nid, node_out in entry["outputs"].items():
+        title = prompt[nid]["_meta"]["title"]
+        for i, img in enumerate(node_out.get("images", [])):
+            name = names.get(prompt[nid]["class_type"]) or names.get(title) or \
+                f"{prompt[nid]['inputs'].get('filename_prefix', nid)}_{i:02d}.png"
+            q = f"/view?filename={img['filename']}&subfolder={img.get('subfolder', '')}&type={img['type']}"
+            (out / name).write_bytes(srv.get(q))
+
+
+def run_training(srv: ComfyServer, info: dict, tiny: dict, cond: dict, out: Path) -> dict:
+    """The training example on the tiny SDXL: a dataset of two images at two sizes, Train T-LoRA with previews every
+    PREVIEW_EVERY steps (each a checkpoint), the loss and noise-band graphs, the preview grid and the trained model
+    sampled; then the example's second part: the checkpoint picked from the grid, sampled through Load T-LoRA."""
+    out.mkdir()
+    _dataset(srv)
     wf = workflow.load(ROOT / "example_workflows" / "tlora_train_single_image.json")
     overrides = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": STEPS},
                  "TLoRATrain": {"preset": "custom", "steps": TRAIN_STEPS, "rank": RANK, "min_rank": MIN_RANK,
-                                "learning_rate": 1e-2, "filename": "demo/trained_tlora", "overwrite": True}}
+                                "learning_rate": 1e-2, "filename": "demo/trained_tlora", "overwrite": True,
+                                "preview_every": PREVIEW_EVERY, "preview_steps": STEPS}}
     prompt = workflow.substitute_tiny(workflow.to_api(wf, info), {**tiny, "lora": ""}, cond, overrides)
     entry = srv.run(prompt, timeout=1800)
-    names = {"LossGraphNode": "loss_graph.png", "SaveImage": None}
-    for nid, node_out in entry["outputs"].items():
-        ct = prompt[nid]["class_type"]
-        for i, img in enumerate(node_out.get("images", [])):
-            name = names.get(ct) or f"{prompt[nid]['inputs'].get('filename_prefix', nid)}_{i:02d}.png"
-            q = f"/view?filename={img['filename']}&subfolder={img.get('subfolder', '')}&type={img['type']}"
-            (out / name).write_bytes(srv.get(q))
+    names = {"LossGraphNode": "loss_graph.png", "loss per noise band": "loss_bands.png",
+             "previews: a row per checkpoint, a column per prompt": "preview_grid.png"}
+    _save_images(srv, entry, prompt, out, names)
+    text = next(v["text"][0] for k, v in entry["outputs"].items() if prompt[k]["class_type"] == "TLoRATrain")
+    # the second part: the group bypassed until training has written the checkpoint, now on, with the one picked
+    for node in wf["nodes"]:
+        if node.get("mode") == 4:
+            node["mode"] = 0
+    prompt = workflow.substitute_tiny(workflow.to_api(wf, info),
+                                      {**tiny, "lora": {"tlora/sks_dog_step400.safetensors": PICKED}}, cond, overrides)
+    entry = srv.run(prompt, timeout=1800)
+    _save_images(srv, entry, prompt, out, {"with the picked checkpoint": "picked_checkpoint.png"})
     trained = srv.base / "models" / "loras" / "demo"
     for f in trained.iterdir():
         shutil.copy(f, out / f.name)
-    text = next(v["text"][0] for k, v in entry["outputs"].items() if prompt[k]["class_type"] == "TLoRATrain")
     return {"workflow": "example_workflows/tlora_train_single_image.json", "steps": TRAIN_STEPS, "result": text,
-            "file": "demo/trained_tlora.safetensors", "outputs": sorted(p.name for p in out.iterdir())}
+            "file": "demo/trained_tlora.safetensors", "picked": PICKED, "grid": "train/preview_grid.png",
+            "outputs": sorted(p.name for p in out.iterdir())}
 
 
 def main() -> int:

@@ -120,7 +120,11 @@ def substitute_tiny(prompt: dict, files: dict, conditioning: dict, overrides: di
     for nid, node in list(p.items()):
         ct = node["class_type"]
         if ct == "CLIPTextEncode":
-            seed = sum(map(ord, str(node["inputs"].get("text", "")))) % 100000
+            text = node["inputs"].get("text", "")
+            if isinstance(text, list):  # captions from another node (a dataset): one conditioning per text
+                p[nid] = {"class_type": "TLoRADevConditioning", "inputs": {"seed": 0, "text": text, **conditioning}}
+                continue
+            seed = sum(map(ord, str(text))) % 100000
             p[nid] = {"class_type": "TLoRADevConditioning", "inputs": {"seed": seed, **conditioning}}
         elif ct in ("TLoRALoader", "TLoRAScheduledLoRA", "LoraLoader", "LoraLoaderModelOnly"):
             lora = files["lora"]
