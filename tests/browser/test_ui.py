@@ -90,7 +90,8 @@ def test_example_workflow_renders_and_converts_like_the_frontend(page, server, n
     for node in theirs.values():
         assert "tlora_schedule_graph" not in node["inputs"]
     # every live graph in it is drawn on screen (its plot, with a line or a message)
-    graphs = page.evaluate("""() => window.app.graph._nodes.flatMap(n => (n.widgets || [])
+    # (a bypassed node, such as the training example's "checkpoint you pick", is drawn tinted: not read here)
+    graphs = page.evaluate("""() => window.app.graph._nodes.filter(n => !n.mode).flatMap(n => (n.widgets || [])
         .filter(w => ['tlora_schedule_graph', 'tlora_strength_graph', 'tlora_train_schedule'].includes(w.name))
         .map(w => [n.id, w.name]))""")
     for node_id, widget in graphs:
