@@ -40,7 +40,7 @@ def _prompt(server, tiny, bucket: bool, filename: str) -> dict:
               "inputs": {"unet_name": Path(tiny["sd15"]["comfy_file"]).name, "weight_dtype": "default"}},
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": Path(tiny["vae"]["vae_4ch"]).name}},
         "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["3", 0]}},
-        "5": {"class_type": "TLoRADevConditioning",
+        "5": {"class_type": "TLoRADevCaptionConditioning",
               "inputs": {"seed": 0, "tokens": 8, "context_dim": 768, "pooled_dim": 0, "text": ["1", 1]}},
         "7": {"class_type": "TLoRATrain", "inputs": {**train, "model": ["2", 0], "latents": ["4", 0],
                                                      "positive": ["5", 0]}},

@@ -23,9 +23,6 @@ class TLoRADevConditioning:
             "context_dim": ("INT", {"default": 768, "min": 1, "max": 8192, "tooltip": "Width of each token."}),
             "pooled_dim": ("INT", {"default": 0, "min": 0, "max": 8192,
                                    "tooltip": "Width of the pooled vector (SDXL 1280, Flux 768), 0 for none."}),
-        }, "optional": {
-            "text": ("STRING", {"forceInput": True,
-                                "tooltip": "A caption: its CRC32 is added to the seed (one conditioning per text)."}),
         }}
 
     def make(self, seed, tokens, context_dim, pooled_dim, text=None):
@@ -37,5 +34,17 @@ class TLoRADevConditioning:
         return ([[cond, extra]],)
 
 
-NODE_CLASS_MAPPINGS = {"TLoRADevConditioning": TLoRADevConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"TLoRADevConditioning": "T-LoRA Dev Conditioning"}
+class TLoRADevCaptionConditioning(TLoRADevConditioning):
+    DESCRIPTION = "Seeded random conditioning per caption (the caption's CRC32 added to the seed; development only)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = super().INPUT_TYPES()
+        spec["required"]["text"] = ("STRING", {"forceInput": True, "tooltip": "A caption (a list: one each)."})
+        return spec
+
+
+NODE_CLASS_MAPPINGS = {"TLoRADevConditioning": TLoRADevConditioning,
+                       "TLoRADevCaptionConditioning": TLoRADevCaptionConditioning}
+NODE_DISPLAY_NAME_MAPPINGS = {"TLoRADevConditioning": "T-LoRA Dev Conditioning",
+                              "TLoRADevCaptionConditioning": "T-LoRA Dev Caption Conditioning"}

@@ -122,7 +122,8 @@ def substitute_tiny(prompt: dict, files: dict, conditioning: dict, overrides: di
         if ct == "CLIPTextEncode":
             text = node["inputs"].get("text", "")
             if isinstance(text, list):  # captions from another node (a dataset): one conditioning per text
-                p[nid] = {"class_type": "TLoRADevConditioning", "inputs": {"seed": 0, "text": text, **conditioning}}
+                p[nid] = {"class_type": "TLoRADevCaptionConditioning",
+                          "inputs": {"seed": 0, "text": text, **conditioning}}
                 continue
             seed = sum(map(ord, str(text))) % 100000
             p[nid] = {"class_type": "TLoRADevConditioning", "inputs": {"seed": seed, **conditioning}}
