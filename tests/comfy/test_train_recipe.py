@@ -47,7 +47,7 @@ def sd15(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def paper(pack, sd15, tmp_path_factory):
-    """3 steps from the paper's init, asked with store_base off (2 steps + a checkpoint at 2 for resuming)."""
+    """4 steps from the paper's init, asked with store_base off, with a checkpoint at step 2 to resume from."""
     d = tmp_path_factory.mktemp("paper")
     logs = []
     handler = logging.Handler()
