@@ -193,7 +193,8 @@ def test_the_loss_per_noise_band(pack, previewed):
 
 def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(pack, sd15, tmp_path, monkeypatch):
     """The node with previews every k of 2k steps: the grid so far reaches ComfyUI's progress hook (the node's live
-    preview image) at steps k and 2k; PREVIEWS is the grid (2 rows x 2 prompts) and LOSS_BANDS the band plot."""
+    preview image) at steps k and 2k and stays on the node (its UI image); PREVIEWS is the grid (2 rows x 2 prompts)
+    and LOSS_BANDS the band plot."""
     import comfy.utils
     import folder_paths
 
@@ -224,6 +225,7 @@ def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(
     assert kind == "JPEG" and size == 1024 and image.size == (grid.shape[2], grid.shape[1])
     assert grid.shape == (1, 2 * (64 + label), 2 * 64, 3) and float(grid.std()) > 0.01
     assert band_plot.shape[0] == 1 and band_plot.shape[-1] == 3
+    assert len(result.ui["images"]) == 1 and result.ui["images"][0]["type"] == "temp"  # the grid stays on the node
     assert (tmp_path / "tlora" / f"node_step{K}.preview.png").is_file() and (tmp_path / "tlora" /
                                                                             "node.preview.png").is_file()
 
