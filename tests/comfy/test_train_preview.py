@@ -193,8 +193,8 @@ def test_the_loss_per_noise_band(pack, previewed):
 
 def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(pack, sd15, tmp_path, monkeypatch):
     """The node with previews every k of 2k steps: the grid so far reaches ComfyUI's progress hook (the node's live
-    preview image) at steps k and 2k and stays on the node (its UI image); PREVIEWS is the grid (2 rows x 2 prompts)
-    and LOSS_BANDS the band plot."""
+    preview image) at steps k and 2k and stays on the node (its UI image); PREVIEWS is the grid (2 rows x 2 prompts,
+    at the size asked) and LOSS_BANDS the band plot."""
     import comfy.utils
     import folder_paths
 
@@ -214,7 +214,7 @@ def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(
     widgets.update(preset=["custom"], filename=["tlora/node"], overwrite=[False], resume_from=["none"],
                    vae=[vae], preview_prompts=prompts, preview_every=[K], preview_seed=[PREVIEW["seed"]],
                    preview_steps=[2], preview_cfg=[PREVIEW["cfg"]], preview_sampler=["euler"],
-                   preview_scheduler=["normal"], preview_width=[0], preview_height=[0])
+                   preview_scheduler=["normal"], preview_width=[128], preview_height=[64])
     with torch.inference_mode():
         result = pack.nodes.train.TLoRATrain.execute([twin.patcher], [{"samples": latent}], [prompts[0]], **widgets)
     _, _, name, grid, band_plot = result.args
@@ -223,7 +223,7 @@ def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(
     assert [(v, t) for v, t, _ in shown] == [(K, 2 * K), (2 * K, 2 * K)]
     kind, image, size = shown[-1][2]
     assert kind == "JPEG" and size == 1024 and image.size == (grid.shape[2], grid.shape[1])
-    assert grid.shape == (1, 2 * (64 + label), 2 * 64, 3) and float(grid.std()) > 0.01
+    assert grid.shape == (1, 2 * (64 + label), 2 * 128, 3) and float(grid.std()) > 0.01  # preview_width 128
     assert band_plot.shape[0] == 1 and band_plot.shape[-1] == 3
     assert len(result.ui["images"]) == 1 and result.ui["images"][0]["type"] == "temp"  # the grid stays on the node
     assert (tmp_path / "tlora" / f"node_step{K}.preview.png").is_file() and (tmp_path / "tlora" /
