@@ -161,7 +161,7 @@ def test_an_interrupt_during_a_preview_stops_cleanly(pack, sd15, tmp_path):
             _train(pack, sd15, out, _settings(pack), _previewer(pack, sd15), progress=arm, patcher=patcher)
     finally:
         mm.interrupt_current_processing(False)
-    assert len(seen) == 1  # stopped at the first sampling step of the preview
+    assert len(seen) == 1  # stopped in the first model call of the preview
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"stopped_step{n}.{ext}" for n in (K, 2 * K) for ext in ("lycoris_config.json", "safetensors", "train_state")]
         + [f"stopped_step{K}.preview.png"])
