@@ -158,7 +158,8 @@ def test_an_interrupt_during_a_preview_stops_cleanly(pack, sd15, tmp_path):
     out = tmp_path / "stopped.safetensors"
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            _train(pack, sd15, out, _settings(pack), _previewer(pack, sd15), progress=arm, patcher=patcher)
+            _train(pack, sd15, out, _settings(pack, batch_size=1), _previewer(pack, sd15, steps=2), progress=arm,
+                   patcher=patcher)
     finally:
         mm.interrupt_current_processing(False)
     assert len(seen) == 1  # stopped in the first model call of the preview
@@ -209,7 +210,7 @@ def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(
             shown.append((value, total, preview))
 
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
-    s = _settings(pack, steps=2 * K, gradient_checkpointing=False)
+    s = _settings(pack, steps=2 * K, gradient_checkpointing=False, batch_size=1)
     widgets = {k: [v] for k, v in s.record().items() if k != "weight_decay"}
     widgets.update(preset=["custom"], filename=["tlora/node"], overwrite=[False], resume_from=["none"],
                    vae=[vae], preview_prompts=prompts, preview_every=[K], preview_seed=[PREVIEW["seed"]],
