@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import comfy.utils
 import folder_paths
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from ..engine import Settings, apply_tlora, output_path, read_file
 from ..engine.timesteps import AUTO, MODES
@@ -211,7 +211,10 @@ class TLoRATrain(io.ComfyNode):
         if departs:
             text += f"\ndeparts from preset '{settings.preset}': {describe(departs)}"
         grid, band_plot = outputs(pv, result, settings.batch_size * settings.grad_accumulation, settings.steps)
-        return io.NodeOutput(trained, {"loss": result.losses}, name, grid, band_plot, ui={"text": [text]})
+        shown = {"text": [text]}
+        if pv is not None:  # the grid stays on the node after the run (a temp image, as Preview Image saves one)
+            shown.update(ui.PreviewImage(grid).as_dict())
+        return io.NodeOutput(trained, {"loss": result.losses}, name, grid, band_plot, ui=shown)
 
 
 def _progress_text(text: str, node_id) -> None:

@@ -80,16 +80,12 @@ class Previewer:
             model, torch.zeros(1, first.shape[1], self.p.height // f, self.p.width // f))
 
     def sample(self, model, latent: torch.Tensor) -> list[torch.Tensor]:
-        """Every prompt sampled with `model` as the KSampler node samples (its noise from preview_seed); an
-        interrupt is seen at every sampling step."""
+        """Every prompt sampled with `model` as the KSampler node samples (its noise from preview_seed). An interrupt
+        stops it at the next layer (ComfyUI's ops check for one at every op)."""
         negative = self.p.negative if self.p.negative is not None else zeroed(self.p.prompts[0])
         noise = comfy.sample.prepare_noise(latent, self.p.seed)
-
-        def check(*_args) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
         return [comfy.sample.sample(model, noise, self.p.steps, self.p.cfg, self.p.sampler, self.p.scheduler,
-                                    prompt, negative, latent, callback=check, disable_pbar=True, seed=self.p.seed)
+                                    prompt, negative, latent, disable_pbar=True, seed=self.p.seed)
                 for prompt in self.p.prompts]
 
     def render(self, patch, first: torch.Tensor, step: int) -> torch.Tensor:

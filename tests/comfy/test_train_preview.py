@@ -158,10 +158,11 @@ def test_an_interrupt_during_a_preview_stops_cleanly(pack, sd15, tmp_path):
     out = tmp_path / "stopped.safetensors"
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            _train(pack, sd15, out, _settings(pack), _previewer(pack, sd15), progress=arm, patcher=patcher)
+            _train(pack, sd15, out, _settings(pack, batch_size=1), _previewer(pack, sd15, steps=2), progress=arm,
+                   patcher=patcher)
     finally:
         mm.interrupt_current_processing(False)
-    assert len(seen) == 1  # stopped at the first sampling step of the preview
+    assert len(seen) == 1  # stopped in the first model call of the preview
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"stopped_step{n}.{ext}" for n in (K, 2 * K) for ext in ("lycoris_config.json", "safetensors", "train_state")]
         + [f"stopped_step{K}.preview.png"])
@@ -193,7 +194,8 @@ def test_the_loss_per_noise_band(pack, previewed):
 
 def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(pack, sd15, tmp_path, monkeypatch):
     """The node with previews every k of 2k steps: the grid so far reaches ComfyUI's progress hook (the node's live
-    preview image) at steps k and 2k; PREVIEWS is the grid (2 rows x 2 prompts) and LOSS_BANDS the band plot."""
+    preview image) at steps k and 2k and stays on the node (its UI image); PREVIEWS is the grid (2 rows x 2 prompts,
+    at the size asked) and LOSS_BANDS the band plot."""
     import comfy.utils
     import folder_paths
 
@@ -208,12 +210,12 @@ def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(
             shown.append((value, total, preview))
 
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
-    s = _settings(pack, steps=2 * K, gradient_checkpointing=False)
+    s = _settings(pack, steps=2 * K, gradient_checkpointing=False, batch_size=1)
     widgets = {k: [v] for k, v in s.record().items() if k != "weight_decay"}
     widgets.update(preset=["custom"], filename=["tlora/node"], overwrite=[False], resume_from=["none"],
                    vae=[vae], preview_prompts=prompts, preview_every=[K], preview_seed=[PREVIEW["seed"]],
                    preview_steps=[2], preview_cfg=[PREVIEW["cfg"]], preview_sampler=["euler"],
-                   preview_scheduler=["normal"], preview_width=[0], preview_height=[0])
+                   preview_scheduler=["normal"], preview_width=[128], preview_height=[64])
     with torch.inference_mode():
         result = pack.nodes.train.TLoRATrain.execute([twin.patcher], [{"samples": latent}], [prompts[0]], **widgets)
     _, _, name, grid, band_plot = result.args
@@ -222,8 +224,9 @@ def test_the_node_shows_previews_while_it_trains_and_outputs_the_grid_and_bands(
     assert [(v, t) for v, t, _ in shown] == [(K, 2 * K), (2 * K, 2 * K)]
     kind, image, size = shown[-1][2]
     assert kind == "JPEG" and size == 1024 and image.size == (grid.shape[2], grid.shape[1])
-    assert grid.shape == (1, 2 * (64 + label), 2 * 64, 3) and float(grid.std()) > 0.01
+    assert grid.shape == (1, 2 * (64 + label), 2 * 128, 3) and float(grid.std()) > 0.01  # preview_width 128
     assert band_plot.shape[0] == 1 and band_plot.shape[-1] == 3
+    assert len(result.ui["images"]) == 1 and result.ui["images"][0]["type"] == "temp"  # the grid stays on the node
     assert (tmp_path / "tlora" / f"node_step{K}.preview.png").is_file() and (tmp_path / "tlora" /
                                                                             "node.preview.png").is_file()
 

@@ -134,3 +134,4 @@ def test_the_node_previews_while_it_trains_over_http(server, tiny):
     folder = Path(server.base) / "models" / "loras" / "trained"
     assert (folder / "previewed_step3.preview.png").is_file() and (folder / "previewed.preview.png").is_file()
     assert "previews at 2 steps" in entry["outputs"][train_id]["text"][0]
+    assert len(entry["outputs"][train_id]["images"]) == 1  # the grid stays on the node once it has run
