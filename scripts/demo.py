@@ -84,11 +84,15 @@ def _dataset(srv: ComfyServer) -> None:
         (folder / name).with_suffix(".txt").write_text(f"a photo of sks dog, {name[:-4]}")
 
 
-def _save_images(srv: ComfyServer, entry: dict, prompt: dict, out: Path, names: dict) -> None:
+def _save_images(srv: ComfyServer, entry: dict, prompt: dict, out: Path, names: dict, only_named: bool = False) -> None:
+    """The run's images, under `names` (by class or title); others under their prefix, unless `only_named`.
+    (Train T-LoRA's own image on the node is the preview grid again: left out.)"""
     for nid, node_out in entry["outputs"].items():
-        title = prompt[nid]["_meta"]["title"]
+        title, kind = prompt[nid]["_meta"]["title"], prompt[nid]["class_type"]
+        if kind == "TLoRATrain" or (only_named and not (names.get(kind) or names.get(title))):
+            continue
         for i, img in enumerate(node_out.get("images", [])):
-            name = names.get(prompt[nid]["class_type"]) or names.get(title) or \
+            name = names.get(kind) or names.get(title) or \
                 f"{prompt[nid]['inputs'].get('filename_prefix', nid)}_{i:02d}.png"
             q = f"/view?filename={img['filename']}&subfolder={img.get('subfolder', '')}&type={img['type']}"
             (out / name).write_bytes(srv.get(q))
@@ -108,7 +112,8 @@ def run_training(srv: ComfyServer, info: dict, tiny: dict, cond: dict, out: Path
     prompt = workflow.substitute_tiny(workflow.to_api(wf, info), {**tiny, "lora": ""}, cond, overrides)
     entry = srv.run(prompt, timeout=1800)
     names = {"LossGraphNode": "loss_graph.png", "loss per noise band": "loss_bands.png",
-             "previews: a row per checkpoint, a column per prompt": "preview_grid.png"}
+             "previews: a row per checkpoint, a column per prompt": "preview_grid.png",
+             "image with the trained T-LoRA": "trained.png"}
     _save_images(srv, entry, prompt, out, names)
     text = next(v["text"][0] for k, v in entry["outputs"].items() if prompt[k]["class_type"] == "TLoRATrain")
     # the second part: the group bypassed until training has written the checkpoint, now on, with the one picked
@@ -118,7 +123,8 @@ def run_training(srv: ComfyServer, info: dict, tiny: dict, cond: dict, out: Path
     prompt = workflow.substitute_tiny(workflow.to_api(wf, info),
                                       {**tiny, "lora": {"tlora/sks_dog_step400.safetensors": PICKED}}, cond, overrides)
     entry = srv.run(prompt, timeout=1800)
-    _save_images(srv, entry, prompt, out, {"with the picked checkpoint": "picked_checkpoint.png"})
+    _save_images(srv, entry, prompt, out, {"image with the picked checkpoint": "picked_checkpoint.png"},
+                 only_named=True)
     trained = srv.base / "models" / "loras" / "demo"
     for f in trained.iterdir():
         shutil.copy(f, out / f.name)
