@@ -65,7 +65,7 @@ def worker(args) -> dict:
     mode = ts.MODES[(args.layout, args.size)]
     dev = torch.device(args.device or mode["device"])
     dtype = getattr(torch, args.dtype or mode["dtype"])
-    patcher = ts.model(comfy, args.layout, mode["spec"], dev, dtype)
+    patcher = ts.model(args.layout, mode["spec"], dev, dtype)
     lat = ts.latents(args.layout, mode["latent"], args.data)
     cond = ts.conditioning(args.layout, mode)
     rank, steps = args.rank or mode["rank"], 2 * (args.steps or mode["steps"])

@@ -40,8 +40,10 @@ def seed_(model: torch.nn.Module, dev) -> None:
             p.copy_(v.to(p.dtype))
 
 
-def model(comfy, layout: str, spec, dev, dtype):
-    """A ComfyUI model of the layout (ComfyUI's own classes, as its detection would build them), in a patcher."""
+def model(layout: str, spec, dev, dtype, disable_dynamic: bool = False):
+    """A ComfyUI model of the layout (ComfyUI's own classes, as its detection would build them), in a patcher. It
+    carries the factory that rebuilds it (`cached_patcher_init`, as ComfyUI's loaders set): ComfyUI 0.33's
+    TrainLoraNode trains a fresh copy made by it."""
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -54,7 +56,10 @@ def model(comfy, layout: str, spec, dev, dtype):
     with torch.device(dev):
         m = mc.get_model({}, "", device=dev).eval()
     seed_(m.diffusion_model, dev)
-    return comfy.model_patcher.ModelPatcher(m, load_device=dev, offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(m, load_device=dev, offload_device=torch.device("cpu"))
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (model, (layout, spec, dev, dtype))
+    return patcher
 
 
 def channels(layout: str) -> int:
