@@ -13,7 +13,7 @@ import torch
 from tools import tiny_models as tm
 from tools.families import FAMILIES
 from tools.families.base import Call, capture, rel_l2, sigma_for
-from tools.train_memory import reruns
+from tools.train_memory import modules_for, reruns
 
 R, MIN_RANK, ALPHA, LINEAR_ALPHA = 8, 2, 1.0, 4.0
 TIMESTEPS = (999, 750, 500, 250, 0)
@@ -34,19 +34,7 @@ def _lycoris(model: torch.nn.Module, targets):
 
 def _modules(pack, patcher, targets, seed: int):
     """Our trainable modules from the exact SVD of each target's weight, moved off their init by seeded noise."""
-    eng = pack.engine
-    out = {}
-    for t in targets:
-        lt = eng.plan.LayerTarget(t.path, t.key, None, t.out_slice, t.reorder)
-        w = eng.bases.with_rows(lt, eng.weights.layer_weight(patcher, t.key).dequantized())
-        u, s, v = pack.tlora_core.svd.top_singular(w.reshape(w.shape[0], -1), R)
-        m = pack.tlora_core.training.TrainableTLoRA(t.name, u, s, v, LINEAR_ALPHA / R, t.conv)
-        g = torch.Generator().manual_seed(seed + sum(map(ord, t.name)))
-        with torch.no_grad():
-            for p in (m.q, m.p, m.lam):
-                p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
-        out[t.name] = m
-    return out
+    return modules_for(pack, patcher, targets, R, LINEAR_ALPHA, seed)
 
 
 def _into_lycoris(net, modules) -> None:
