@@ -52,9 +52,10 @@ def test_the_training_example_runs_over_http(server, tiny):
     assert any(k.endswith(".base_q") for k in keys) and any(k.endswith(".q_layer.weight") for k in keys)
     assert (path.parent / "e2e.lycoris_config.json").is_file()
     images = server.images(entry)
-    # the loss graph, the loss per noise band, the preview grid (its one row: the last step), the trained model's
-    # image; the group that samples a picked checkpoint is bypassed until its file exists
-    assert len(images) == 4, len(images)
+    # the loss graph, the loss per noise band, the preview grid (its one row: the last step) saved and shown on Train
+    # T-LoRA itself, the trained model's image; the group that samples a picked checkpoint is bypassed until its
+    # file exists
+    assert len(images) == 5, len(images)
     assert (path.parent / "e2e.preview.png").is_file()
     body = server.get("/tlora/info?lora_name=trained/e2e.safetensors")
     assert body["rank"] == 4 and body["recorded"]["min_rank"]["value"] == 2 and body["stored_base"]
