@@ -95,7 +95,7 @@ NODES = {  # the pack's nodes, as a user finds them: the loader with its file, t
 def test_screenshot_of_every_node(page, artifacts):
     """Each node of the pack on its own, as drawn in this design (test_artifacts/<host>/node_<id>_<mode>.png; the
     README shows the newest frontend's); the live graphs are drawn, not blank."""
-    page.set_viewport_size({"width": 1600, "height": 1400})  # room for the tallest node (Train T-LoRA)
+    page.set_viewport_size({"width": 1600, "height": 2000})  # room for the tallest node (Train T-LoRA)
     try:
         _shoot_every_node(page, artifacts)
     finally:
